@@ -1,0 +1,1 @@
+"""ext4: on-disk format, a streaming writer of compact read-only images, and a reader."""
