@@ -1,0 +1,119 @@
+"""The ``lcow`` command."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import stat
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+import click
+from tqdm import tqdm
+
+from lcow import __version__
+from lcow.errors import LcowError
+from lcow.ext4.writer import DEFAULT_MAX_SIZE_BYTES
+from lcow.layer.tar2ext4 import convert_tar
+from lcow.layer.tarstream import READ_CHUNK_BYTES
+
+log = logging.getLogger(__name__)
+
+
+class _CountingReader(io.RawIOBase):
+    """Pass reads through and report how many bytes each one returned."""
+
+    def __init__(self, raw: IO[bytes], progress: tqdm[Any]) -> None:
+        self._raw = raw
+        self._progress = progress
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        count = self._raw.readinto(buffer)  # type: ignore[attr-defined]
+        if count:
+            self._progress.update(count)
+        return int(count or 0)
+
+
+def _parse_size(value: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = value.strip().upper().removesuffix("B").removesuffix("I")
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "")
+    try:
+        return int(float(number) * units[unit])
+    except ValueError as err:
+        raise click.BadParameter(f"invalid size {value!r}: use bytes or a K, M, G, T suffix") from err
+
+
+@click.group()
+@click.version_option(__version__, prog_name="lcow")
+@click.option("-v", "--verbose", count=True, help="Log more; repeat for debug output.")
+def main(verbose: int) -> None:
+    """Layer store for Linux containers in lightweight VMs."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="lcow: %(levelname)s: %(message)s")
+
+
+@main.command("tar2vhd")
+@click.argument("source", type=click.Path(dir_okay=False, allow_dash=True))
+@click.argument("output", type=click.Path(dir_okay=False, writable=True))
+@click.option("--raw", is_flag=True, help="Write the ext4 image without the fixed-VHD footer.")
+@click.option(
+    "--max-size",
+    default=str(DEFAULT_MAX_SIZE_BYTES),
+    show_default=True,
+    help="Largest image to build, in bytes or with a K, M, G, T suffix.",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Show a progress bar (default: when stderr is a terminal).",
+)
+def tar2vhd(source: str, output: str, raw: bool, max_size: str, progress: bool | None) -> None:
+    """Convert the tar layer SOURCE (plain, gzip or zstd; - for stdin) to a layer image.
+
+    OUTPUT is an ext4 filesystem followed by a 512-byte fixed-VHD footer, or the bare ext4
+    with --raw. OUTPUT appears only when the conversion succeeds.
+    """
+    max_size_bytes = _parse_size(max_size)
+    show_progress = sys.stderr.isatty() if progress is None else progress
+    total = None
+    if source != "-":
+        try:
+            info = os.stat(source)
+        except OSError as err:
+            raise click.ClickException(f"failed to open layer {source}: {err.strerror}") from err
+        if stat.S_ISREG(info.st_mode):
+            total = info.st_size
+
+    bar = tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=Path(source).name if source != "-" else "stdin",
+        disable=not show_progress,
+        file=sys.stderr,
+    )
+    try:
+        raw_input = sys.stdin.buffer if source == "-" else open(source, "rb", buffering=0)  # noqa: SIM115
+        with bar, raw_input:
+            counted = io.BufferedReader(_CountingReader(raw_input, bar), buffer_size=READ_CHUNK_BYTES)
+            stats = convert_tar(counted, output, vhd_footer=not raw, max_size_bytes=max_size_bytes)
+    except LcowError as err:
+        raise click.ClickException(f"failed to convert {source}: {err}") from err
+    except OSError as err:
+        raise click.ClickException(f"failed to convert {source}: {err}") from err
+
+    log.info(
+        "wrote %s: %d entries, %d bytes of ext4 from %d bytes of tar (%s)",
+        output,
+        stats.entries,
+        stats.image_size_bytes,
+        stats.tar_bytes,
+        stats.compression,
+    )

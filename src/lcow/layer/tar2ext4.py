@@ -1,0 +1,320 @@
+"""Convert a tar layer into a layer image: ext4, optionally followed by a fixed-VHD footer.
+
+The conversion streams: one pass over the tar, file data written as it arrives, metadata at
+the end. The output appears under its final name only when it is complete; on any error no
+output file is left.
+
+Rules applied to entries (docs/layer-format.md has the full list):
+
+- Names: a leading ``./`` or ``/`` is dropped, ``.`` and empty components are ignored, a
+  ``..`` that would leave the layer root rejects the layer. Names are stored as raw bytes.
+- Whiteouts: ``DIR/.wh.NAME`` becomes a character device 0/0 named NAME;
+  ``DIR/.wh..wh..opq`` sets ``trusted.overlay.opaque=y`` on DIR. Both describe lower layers
+  only, so a file of this layer with the same name stays. Other ``.wh..wh.`` entries are
+  aufs bookkeeping and are dropped.
+- Missing parent directories are created with :data:`IMPLICIT_DIRECTORY_PERMISSIONS`, owner
+  0:0 and the time :data:`IMPLICIT_DIRECTORY_MTIME_NS`; a later entry for them sets their
+  real metadata.
+- Times: atime and ctime default to mtime and the creation time to the birth time or mtime,
+  so the image never depends on the clock.
+"""
+
+import contextlib
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Final
+
+from lcow import vhd
+from lcow.errors import CorruptInputError, InvalidArgumentError, LcowError, UnsupportedError
+from lcow.ext4 import format as fmt
+from lcow.ext4 import xattr as xattr_codec
+from lcow.ext4.writer import DEFAULT_MAX_SIZE_BYTES, Ext4Writer, Metadata
+from lcow.layer.tarstream import LayerStream, TarEntry, TarReader, open_source
+
+log = logging.getLogger(__name__)
+
+IMPLICIT_DIRECTORY_PERMISSIONS: Final = 0o755
+IMPLICIT_DIRECTORY_MTIME_NS: Final = 0  # 1970-01-01T00:00:00Z
+
+WHITEOUT_PREFIX: Final = b".wh."
+WHITEOUT_META_PREFIX: Final = b".wh..wh."
+WHITEOUT_OPAQUE: Final = b".wh..wh..opq"
+OVERLAY_OPAQUE_XATTR: Final = b"trusted.overlay.opaque"
+
+IMPLICIT_METADATA: Final = Metadata(
+    permissions=IMPLICIT_DIRECTORY_PERMISSIONS,
+    uid=0,
+    gid=0,
+    mtime_ns=IMPLICIT_DIRECTORY_MTIME_NS,
+    atime_ns=IMPLICIT_DIRECTORY_MTIME_NS,
+    ctime_ns=IMPLICIT_DIRECTORY_MTIME_NS,
+    crtime_ns=IMPLICIT_DIRECTORY_MTIME_NS,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ConversionStats:
+    """What one conversion read and wrote."""
+
+    entries: int
+    size_bytes: int  # summed sizes of the tar entries, as Docker's ApplyDiff reports
+    image_size_bytes: int  # the ext4 filesystem, without the footer
+    tar_bytes: int  # uncompressed tar stream length
+    compression: str
+    tar_sha256: str
+
+
+def split_path(raw: bytes, *, entry: bytes) -> list[bytes]:
+    """Normalise a tar name into components; a ``..`` leaving the root raises."""
+    components: list[bytes] = []
+    for name in raw.split(b"/"):
+        if name in (b"", b"."):
+            continue
+        if name == b"..":
+            if not components:
+                raise InvalidArgumentError(
+                    f"invalid tar entry {_show(entry)}: the path leaves the layer root"
+                )
+            components.pop()
+            continue
+        if len(name) > fmt.EXT4_NAME_LEN:
+            raise InvalidArgumentError(
+                f"invalid tar entry {_show(entry)}: a path component is {len(name)} bytes, "
+                f"ext4 allows at most {fmt.EXT4_NAME_LEN}"
+            )
+        components.append(name)
+    return components
+
+
+def _show(raw: bytes) -> str:
+    return repr(raw.decode("utf-8", "backslashreplace"))
+
+
+class _Converter:
+    """Apply tar entries to an :class:`Ext4Writer` following the rules in the module doc."""
+
+    def __init__(self, writer: Ext4Writer) -> None:
+        self.writer = writer
+        self.entries = 0
+        self.size_bytes = 0
+        self._skipped_xattr_names: set[bytes] = set()
+
+    def metadata(self, entry: TarEntry) -> Metadata:
+        xattrs: list[xattr_codec.Xattr] = []
+        for name, value in entry.xattrs:
+            try:
+                xattrs.append(xattr_codec.make_xattr(name, value))
+            except UnsupportedError as err:
+                # Docker's applier skips xattrs the filesystem cannot hold; so does lcow,
+                # and says so once per name.
+                if name not in self._skipped_xattr_names:
+                    self._skipped_xattr_names.add(name)
+                    log.warning("skipped xattr in entry %s: %s", _show(entry.path), err)
+        return Metadata(
+            permissions=entry.permissions,
+            uid=entry.uid,
+            gid=entry.gid,
+            mtime_ns=entry.mtime_ns,
+            atime_ns=entry.mtime_ns if entry.atime_ns is None else entry.atime_ns,
+            ctime_ns=entry.mtime_ns if entry.ctime_ns is None else entry.ctime_ns,
+            crtime_ns=entry.mtime_ns if entry.birthtime_ns is None else entry.birthtime_ns,
+            xattrs=tuple(xattrs),
+        )
+
+    def apply(self, entry: TarEntry, reader: TarReader) -> None:
+        self.entries += 1
+        self.size_bytes += entry.size
+        path = split_path(entry.path, entry=entry.path)
+        if uid_or_gid_invalid(entry):
+            raise InvalidArgumentError(
+                f"invalid tar entry {_show(entry.path)}: owner {entry.uid}:{entry.gid} does "
+                "not fit in 32 bits"
+            )
+
+        base = path[-1] if path else b""
+        if base.startswith(WHITEOUT_PREFIX):
+            self._apply_whiteout(entry, path)
+            return
+
+        writer = self.writer
+        if entry.hardlink is not None:
+            self._apply_hard_link(entry, path)
+            return
+
+        kind = entry.file_type
+        meta = self.metadata(entry)
+        if kind == fmt.S_IFDIR:
+            writer.add_directory(path, meta)
+        elif not path:
+            raise InvalidArgumentError(
+                f"invalid tar entry {_show(entry.path)}: only a directory may name the root"
+            )
+        elif kind == fmt.S_IFREG:
+            writer.add_regular_file(path, meta, entry.size, reader.data_blocks())
+        elif kind == fmt.S_IFLNK:
+            writer.add_symlink(path, meta, entry.symlink or b"")
+        elif kind in (fmt.S_IFCHR, fmt.S_IFBLK, fmt.S_IFIFO, fmt.S_IFSOCK):
+            writer.add_special(path, meta, kind, entry.rdev_major, entry.rdev_minor)
+        else:
+            raise UnsupportedError(
+                f"unsupported tar entry {_show(entry.path)}: file type {kind:#o}"
+            )
+
+    def _apply_whiteout(self, entry: TarEntry, path: list[bytes]) -> None:
+        base = path[-1]
+        parent = path[:-1]
+        writer = self.writer
+        if base == WHITEOUT_OPAQUE:
+            directory = writer.ensure_directory(parent)
+            writer.set_xattr(directory, xattr_codec.make_xattr(OVERLAY_OPAQUE_XATTR, b"y"))
+            return
+        if base.startswith(WHITEOUT_META_PREFIX):
+            log.debug("dropped aufs metadata entry %s", _show(entry.path))
+            return
+        target = [*parent, base[len(WHITEOUT_PREFIX) :]]
+        if writer.lookup(target) is not None:
+            # The whiteout hides lower layers only; this layer's own file stays.
+            return
+        writer.add_special(target, self.metadata(entry), fmt.S_IFCHR, 0, 0)
+
+    def _apply_hard_link(self, entry: TarEntry, path: list[bytes]) -> None:
+        assert entry.hardlink is not None
+        target_path = split_path(entry.hardlink, entry=entry.path)
+        target = self.writer.lookup(target_path)
+        if target is None:
+            raise InvalidArgumentError(
+                f"invalid hard link {_show(entry.path)}: its target "
+                f"{_show(entry.hardlink)} is not an earlier entry of the layer"
+            )
+        if target.is_dir:
+            raise InvalidArgumentError(
+                f"invalid hard link {_show(entry.path)}: its target "
+                f"{_show(entry.hardlink)} is a directory"
+            )
+        if not path:
+            raise InvalidArgumentError(
+                f"invalid hard link {_show(entry.path)}: it names the layer root"
+            )
+        self.writer.add_hard_link(path, target)
+
+
+def uid_or_gid_invalid(entry: TarEntry) -> bool:
+    return not (0 <= entry.uid < 2**32 and 0 <= entry.gid < 2**32)
+
+
+def convert_stream(
+    source: IO[bytes],
+    output_fd: int,
+    *,
+    max_size_bytes: int = DEFAULT_MAX_SIZE_BYTES,
+    on_read: Callable[[int], None] | None = None,
+) -> tuple[ConversionStats, bytes]:
+    """Write the ext4 image of the tar in ``source`` to ``output_fd``.
+
+    Returns the statistics and the SHA-256 digest of the uncompressed tar stream.
+    """
+    stream = LayerStream(source, on_read=on_read)
+    writer = Ext4Writer(output_fd, implicit_meta=IMPLICIT_METADATA, max_size_bytes=max_size_bytes)
+    converter = _Converter(writer)
+    try:
+        if stream.empty:
+            log.info("empty layer stream: writing an empty image")
+        else:
+            with _open_reader(stream) as reader:
+                for entry in reader:
+                    try:
+                        converter.apply(entry, reader)
+                    except CorruptInputError:
+                        raise
+                    except LcowError as err:
+                        raise type(err)(
+                            f"failed to convert entry {_show(entry.path)} at tar byte "
+                            f"{entry.header_offset}: {err}"
+                        ) from err
+    finally:
+        stream.close()
+
+    digest = stream.digest.digest()
+    image_size = writer.close(digest)
+    stats = ConversionStats(
+        entries=converter.entries,
+        size_bytes=converter.size_bytes,
+        image_size_bytes=image_size,
+        tar_bytes=stream.bytes_read,
+        compression=stream.compression,
+        tar_sha256=digest.hex(),
+    )
+    return stats, digest
+
+
+@contextlib.contextmanager
+def _open_reader(stream: LayerStream) -> Iterator[TarReader | tuple[()]]:
+    """Open libarchive on ``stream``; a compressed stream of zero tar bytes is an empty layer."""
+    try:
+        reader = TarReader(stream)
+    except CorruptInputError:
+        if stream.bytes_read == 0 and stream.compression != "none":
+            log.info("empty %s layer stream: writing an empty image", stream.compression)
+            yield ()
+            return
+        raise
+    with reader:
+        yield reader
+
+
+def convert_tar(
+    source: str | os.PathLike[str] | IO[bytes],
+    destination: str | os.PathLike[str],
+    *,
+    vhd_footer: bool = True,
+    max_size_bytes: int = DEFAULT_MAX_SIZE_BYTES,
+    on_read: Callable[[int], None] | None = None,
+) -> ConversionStats:
+    """Convert the tar layer ``source`` (a path, ``-`` or a binary stream) to ``destination``.
+
+    The image is written to a temporary file beside ``destination``, flushed to disk and
+    renamed into place, so ``destination`` is either complete or untouched.
+    """
+    destination = Path(destination)
+    with contextlib.ExitStack() as inputs:
+        if isinstance(source, (str, os.PathLike)):
+            stream = inputs.enter_context(open_source(source))
+        else:
+            stream = source
+
+        fd, temporary = tempfile.mkstemp(
+            prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent
+        )
+        with contextlib.ExitStack() as undo:
+            undo.callback(_remove_quietly, temporary)
+            with os.fdopen(fd, "r+b", buffering=0) as output:
+                stats, digest = convert_stream(
+                    stream, output.fileno(), max_size_bytes=max_size_bytes, on_read=on_read
+                )
+                if vhd_footer:
+                    unique_id = hashlib.sha256(b"lcow vhd unique id\0" + digest).digest()[:16]
+                    vhd.append_footer(output.fileno(), stats.image_size_bytes, unique_id)
+                os.fsync(output.fileno())
+                os.fchmod(output.fileno(), 0o644)
+            os.replace(temporary, destination)
+            undo.pop_all()
+    _fsync_directory(destination.parent)
+    return stats
+
+
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
