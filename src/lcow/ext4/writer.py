@@ -11,6 +11,7 @@ Memory grows with the number of inodes and directory entries, never with file si
 Reference: the kernel's ext4 disk-layout documentation and fs/ext4/ext4.h.
 """
 
+import dataclasses
 import hashlib
 import os
 import uuid as uuid_module
@@ -30,6 +31,7 @@ DEFAULT_MAX_SIZE_BYTES: Final = 1 << 40  # 1 TiB; reserves 64 blocks per superbl
 LOST_AND_FOUND: Final = b"lost+found"
 _DATA_BUFFER_BYTES: Final = 8 << 20  # small files are gathered into writes of this size
 _MAX_FILE_LINKS: Final = fmt.EXT4_LINK_MAX
+WHITEOUT_DEVICE: Final = bytes(fmt.INODE_BLOCK_SIZE_BYTES)  # i_block of char device 0/0
 _FAST_SYMLINK_MAX_BYTES: Final = fmt.INODE_BLOCK_SIZE_BYTES - 1  # the target keeps a NUL
 
 
@@ -225,7 +227,8 @@ class Ext4Writer:
     """Build an ext4 image on ``fd`` from entries added in any order.
 
     Paths are sequences of name components (bytes, no ``/``), relative to the root.
-    A missing parent directory is created with ``implicit_meta``. Call :meth:`close` once,
+    A missing parent directory is created with ``implicit_meta``. ``opaque_xattr`` is the
+    overlayfs opaque marker, set on a directory that replaces a whiteout. Call :meth:`close` once,
     with bytes that identify the content; it derives the UUID and hash seed from them.
     """
 
@@ -235,9 +238,11 @@ class Ext4Writer:
         *,
         implicit_meta: Metadata,
         max_size_bytes: int = DEFAULT_MAX_SIZE_BYTES,
+        opaque_xattr: xattr_codec.Xattr | None = None,
     ) -> None:
         self.fd = fd
         self.implicit_meta = implicit_meta
+        self.opaque_xattr = opaque_xattr
         self.allocator = BlockAllocator.for_max_size(max_size_bytes)
         self.sink = _DataSink(fd)
         self._inodes: list[Inode | None] = [None] * fmt.EXT4_GOOD_OLD_FIRST_INO
@@ -282,22 +287,38 @@ class Ext4Writer:
     # -- adding entries ------------------------------------------------------------------
 
     def add_directory(self, path: Sequence[bytes], meta: Metadata) -> Inode:
-        """Create a directory, or give an existing one ``meta`` (two entries merge)."""
+        """Create a directory, or give an existing one ``meta`` (two entries merge).
+
+        A merge keeps the opaque marker: it describes the lower layers, whatever the order
+        of the entries. A directory that replaces a whiteout becomes opaque, because the
+        whiteout said the lower layers' directory is gone.
+        """
         parent, name = self._parent_of(path)
-        if parent is None:
-            self.root.meta = meta
-            self.root.mode = fmt.S_IFDIR | meta.permissions
-            return self.root
-        existing = self._child(parent, name)
+        existing = self.root if parent is None else self._child(parent, name)
         if existing is not None and existing.is_dir:
-            existing.meta = meta
+            existing.meta = self._keep_opaque(existing.meta, meta)
             existing.mode = fmt.S_IFDIR | meta.permissions
             return existing
+        assert parent is not None
+        replaces_whiteout = existing is not None and self.is_whiteout(existing)
         if existing is not None:
             self._unlink(parent, name)
         inode = self._new_inode(fmt.S_IFDIR | meta.permissions, meta)
         self._link_directory(parent, name, inode)
+        if replaces_whiteout and self.opaque_xattr is not None:
+            self.set_xattr(inode, self.opaque_xattr)
         return inode
+
+    def _keep_opaque(self, old: Metadata, new: Metadata) -> Metadata:
+        marker = self.opaque_xattr
+        if marker is None or marker not in old.xattrs or marker in new.xattrs:
+            return new
+        return dataclasses.replace(new, xattrs=(*new.xattrs, marker))
+
+    @staticmethod
+    def is_whiteout(inode: Inode) -> bool:
+        """Tell whether ``inode`` is an overlayfs whiteout: a character device 0/0."""
+        return inode.mode & fmt.S_IFMT == fmt.S_IFCHR and inode.payload == WHITEOUT_DEVICE
 
     def add_regular_file(
         self,
@@ -398,17 +419,38 @@ class Ext4Writer:
         )
 
     def ensure_directory(self, path: Sequence[bytes]) -> Inode:
-        """Return the directory at ``path``, creating it and its parents implicitly."""
+        """Return the directory at ``path``, creating it and its parents implicitly.
+
+        A whiteout in the way is replaced by an opaque directory. A symlink in the way is
+        never followed, and any other file in the way rejects the path, as Docker's own
+        applier fails on it.
+        """
         node = self.root
         for index, name in enumerate(path):
             child = self._child(node, name)
+            if child is not None and self.is_whiteout(child):
+                self._unlink(node, name)
+                child = None
+                replaced_whiteout = True
+            else:
+                replaced_whiteout = False
             if child is None:
-                child = self._new_inode(fmt.S_IFDIR | self.implicit_meta.permissions, self.implicit_meta)
+                child = self._new_inode(
+                    fmt.S_IFDIR | self.implicit_meta.permissions, self.implicit_meta
+                )
                 self._link_directory(node, name, child)
+                if replaced_whiteout and self.opaque_xattr is not None:
+                    self.set_xattr(child, self.opaque_xattr)
+            elif child.mode & fmt.S_IFMT == fmt.S_IFLNK:
+                raise InvalidArgumentError(
+                    f"invalid path {b'/'.join(path)!r}: its parent "
+                    f"{b'/'.join(path[: index + 1])!r} is a symlink of this layer, and lcow "
+                    "does not follow symlinks; put the entry under the symlink's target"
+                )
             elif not child.is_dir:
                 raise InvalidArgumentError(
-                    f"invalid path {b'/'.join(path)!r}: {b'/'.join(path[: index + 1])!r} is "
-                    "not a directory"
+                    f"invalid path {b'/'.join(path)!r}: its parent "
+                    f"{b'/'.join(path[: index + 1])!r} is not a directory"
                 )
             node = child
         return node

@@ -46,6 +46,7 @@ WHITEOUT_META_PREFIX: Final = b".wh..wh."
 WHITEOUT_OPAQUE: Final = b".wh..wh..opq"
 OVERLAY_OPAQUE_XATTR: Final = b"trusted.overlay.opaque"
 
+OPAQUE_MARKER: Final = xattr_codec.make_xattr(OVERLAY_OPAQUE_XATTR, b"y")
 IMPLICIT_METADATA: Final = Metadata(
     permissions=IMPLICIT_DIRECTORY_PERMISSIONS,
     uid=0,
@@ -171,7 +172,7 @@ class _Converter:
         writer = self.writer
         if base == WHITEOUT_OPAQUE:
             directory = writer.ensure_directory(parent)
-            writer.set_xattr(directory, xattr_codec.make_xattr(OVERLAY_OPAQUE_XATTR, b"y"))
+            writer.set_xattr(directory, OPAQUE_MARKER)
             return
         if base.startswith(WHITEOUT_META_PREFIX):
             log.debug("dropped aufs metadata entry %s", _show(entry.path))
@@ -219,7 +220,12 @@ def convert_stream(
     Returns the statistics and the SHA-256 digest of the uncompressed tar stream.
     """
     stream = LayerStream(source, on_read=on_read)
-    writer = Ext4Writer(output_fd, implicit_meta=IMPLICIT_METADATA, max_size_bytes=max_size_bytes)
+    writer = Ext4Writer(
+        output_fd,
+        implicit_meta=IMPLICIT_METADATA,
+        max_size_bytes=max_size_bytes,
+        opaque_xattr=OPAQUE_MARKER,
+    )
     converter = _Converter(writer)
     try:
         if stream.empty:
@@ -258,7 +264,7 @@ def _open_reader(stream: LayerStream) -> Iterator[TarReader | tuple[()]]:
     try:
         reader = TarReader(stream)
     except CorruptInputError:
-        if stream.bytes_read == 0 and stream.compression != "none":
+        if stream.at_eof and stream.bytes_read == 0:
             log.info("empty %s layer stream: writing an empty image", stream.compression)
             yield ()
             return

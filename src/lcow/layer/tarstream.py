@@ -35,6 +35,7 @@ ARCHIVE_OK: Final = 0
 ARCHIVE_WARN: Final = -20
 
 S_IFMT: Final = 0o170000
+END_MARKER_BYTES: Final = 1024  # a tar ends with two 512-byte blocks of zeros
 
 
 def _load_libarchive() -> ctypes.CDLL:
@@ -135,6 +136,8 @@ class LayerStream:
         self.compression = "none"
         self.digest = hashlib.sha256()
         self.bytes_read = 0
+        self.at_eof = False
+        self.tail = b""  # the last END_MARKER_BYTES of the tar stream read so far
         head = _peek(source, 4)
         self.empty = not head  # a 0-byte stream is an empty layer, not a broken tar
         self._stream: IO[bytes]
@@ -157,12 +160,23 @@ class LayerStream:
                 f"failed to decompress the {self.compression} layer after "
                 f"{self.bytes_read} bytes of tar data: {err}"
             ) from err
-        if count:
+        if not count:
+            self.at_eof = True
+        else:
             self.digest.update(buffer[:count])
             self.bytes_read += count
+            self.tail = (self.tail + bytes(buffer[max(0, count - END_MARKER_BYTES) : count]))[
+                -END_MARKER_BYTES:
+            ]
             if self._on_read is not None:
                 self._on_read(count)
         return int(count or 0)
+
+    def drain(self) -> None:
+        """Read the rest of the stream, so a compressed stream's trailer is verified."""
+        buffer = memoryview(bytearray(READ_CHUNK_BYTES))
+        while self.readinto(buffer):
+            pass
 
     def close(self) -> None:
         if self._stream is not self._raw:
@@ -241,6 +255,8 @@ class TarReader:
             if result == ARCHIVE_EOF:
                 if self._error is not None:
                     self._raise("read the tar stream")
+                self._check_end_marker()
+                self._stream.drain()
                 return
             if result not in (ARCHIVE_OK, ARCHIVE_WARN):
                 self._current = None
@@ -253,6 +269,21 @@ class TarReader:
                 )
             self._current = self._decode(entry_pointer.value)
             yield self._current
+
+    def _check_end_marker(self) -> None:
+        # libarchive also returns EOF when the stream stops at an entry boundary, as a cut
+        # stream does. It stops reading early only after the zero blocks; when it consumed
+        # everything, the stream's last two blocks must be those zeros.
+        consumed = _lib.archive_filter_bytes(self._archive, 0)
+        if consumed < self._stream.bytes_read:
+            return
+        if len(self._stream.tail) == END_MARKER_BYTES and not any(self._stream.tail):
+            return
+        self._current = None
+        raise CorruptInputError(
+            f"failed to read the tar stream: it ends at byte {self._stream.bytes_read} "
+            "without the end-of-archive marker (two zero blocks); the layer is truncated"
+        )
 
     def _decode(self, entry: int | None) -> TarEntry:
         lib = _lib
