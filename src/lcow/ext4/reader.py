@@ -1,0 +1,625 @@
+"""A read-only ext4 reader for layer images and kernel-written sandboxes.
+
+It reads what mke2fs 1.47 and the kernel write by default (64bit, flex_bg, metadata_csum,
+extent trees of any depth, htree directories read as plain ones, inline data, huge files,
+xattrs in the inode and in a block) and what lcow's writer produces. Every checksum is
+verified, and every offset, length and count is checked against the filesystem before it
+is used, so a corrupt or hostile image raises :class:`CorruptInputError` in time and memory
+bounded by the image's size, never a crash or a hang.
+
+A filesystem whose journal needs recovery is rejected: its metadata on disk is not the
+metadata the kernel would show. Replay the journal first with ``e2fsck -fy IMAGE``.
+
+Reference: the kernel's ext4 disk-layout documentation and fs/ext4/ext4.h.
+"""
+
+import functools
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Final, Protocol
+
+from lcow.errors import CorruptInputError, UnsupportedError
+from lcow.ext4 import format as fmt
+from lcow.ext4.checksum import crc32c_raw, filesystem_seed
+
+_READ_CHUNK_BYTES: Final = 1 << 20
+_BLOCK_CACHE_ENTRIES: Final = 1024
+_INLINE_DATA_XATTR: Final = (fmt.XattrIndex.SYSTEM, b"data")
+_GROUP_DESC_64_SIZE: Final = 64
+
+# Incompatible features this reader understands; anything else is refused, because an
+# unknown incompatible feature changes how the metadata must be read.
+_KNOWN_INCOMPAT: Final = (
+    fmt.FeatureIncompat.FILETYPE
+    | fmt.FeatureIncompat.EXTENTS
+    | fmt.FeatureIncompat.INCOMPAT_64BIT
+    | fmt.FeatureIncompat.FLEX_BG
+    | fmt.FeatureIncompat.MMP
+    | fmt.FeatureIncompat.CSUM_SEED
+    | fmt.FeatureIncompat.LARGEDIR
+    | fmt.FeatureIncompat.INLINE_DATA
+    | fmt.FeatureIncompat.CASEFOLD
+    | fmt.FeatureIncompat.RECOVER
+)
+
+
+class BlockDevice(Protocol):
+    """Random read access to a disk: a file, a fixed VHD or a VHDX."""
+
+    def pread(self, length: int, offset: int) -> bytes: ...
+
+
+class FileDevice:
+    """A plain file or block device read with ``os.pread``."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def pread(self, length: int, offset: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+
+@dataclass(slots=True)
+class InodeInfo:
+    """What an inode holds, decoded; times in ns since the epoch."""
+
+    number: int
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    links: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    crtime_ns: int
+    flags: int
+    rdev_major: int = 0
+    rdev_minor: int = 0
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+
+    @property
+    def file_type(self) -> int:
+        return self.mode & fmt.S_IFMT
+
+
+@dataclass(frozen=True, slots=True)
+class _Extent:
+    logical: int
+    physical: int
+    length: int
+    initialized: bool
+
+
+_XATTR_NAME_PREFIX: Final[dict[int, bytes]] = {
+    fmt.XattrIndex.USER: b"user.",
+    fmt.XattrIndex.POSIX_ACL_ACCESS: b"system.posix_acl_access",
+    fmt.XattrIndex.POSIX_ACL_DEFAULT: b"system.posix_acl_default",
+    fmt.XattrIndex.TRUSTED: b"trusted.",
+    fmt.XattrIndex.SECURITY: b"security.",
+    fmt.XattrIndex.SYSTEM: b"system.",
+    fmt.XattrIndex.RICHACL: b"system.richacl",
+}
+
+
+def _decode_time(seconds_field: int, extra: int | None) -> int:
+    seconds = seconds_field - (1 << 32) if seconds_field & 0x80000000 else seconds_field
+    nanoseconds = 0
+    if extra is not None:
+        seconds += (extra & fmt.EXT4_EPOCH_MASK) << 32
+        nanoseconds = extra >> fmt.EXT4_EPOCH_BITS
+        if nanoseconds > 999_999_999:
+            nanoseconds = 0
+    return seconds * 1_000_000_000 + nanoseconds
+
+
+class Ext4Reader:
+    """Read an ext4 filesystem from ``device`` whose usable size is ``device_size`` bytes."""
+
+    def __init__(self, device: BlockDevice, device_size: int) -> None:
+        self.device = device
+        self.device_size = device_size
+        self._read_block = functools.lru_cache(maxsize=_BLOCK_CACHE_ENTRIES)(self._read_block_uncached)
+        self._parse_superblock()
+        self._parse_group_descriptors()
+
+    # Superblock and group descriptors --------------------------------------------------------
+
+    def _corrupt(self, what: str) -> CorruptInputError:
+        return CorruptInputError(f"corrupt ext4 filesystem: {what}")
+
+    def _parse_superblock(self) -> None:
+        raw = self.device.pread(fmt.SUPERBLOCK_SIZE_BYTES, fmt.SUPERBLOCK_OFFSET_BYTES)
+        if len(raw) < fmt.SUPERBLOCK_SIZE_BYTES:
+            raise self._corrupt(f"the disk ends at byte {fmt.SUPERBLOCK_OFFSET_BYTES + len(raw)}, before the superblock")
+        values = dict(
+            zip((name for name, _ in fmt.SUPERBLOCK_FIELDS), fmt.SUPERBLOCK.unpack(raw), strict=True)
+        )
+        if values["s_magic"] != fmt.EXT4_SUPER_MAGIC:
+            raise CorruptInputError(
+                f"not an ext4 filesystem: magic {values['s_magic']:#06x} at byte 1080, "
+                f"expected {fmt.EXT4_SUPER_MAGIC:#06x}"
+            )
+        self.sb = values
+        incompat = values["s_feature_incompat"]
+        ro_compat = values["s_feature_ro_compat"]
+        self.metadata_csum = bool(ro_compat & fmt.FeatureRoCompat.METADATA_CSUM)
+        if self.metadata_csum:
+            if values["s_checksum_type"] != fmt.EXT4_CRC32C_CHKSUM:
+                raise self._corrupt(f"unknown s_checksum_type {values['s_checksum_type']}")
+            expected = crc32c_raw(0xFFFFFFFF, raw[: fmt.SUPERBLOCK_CHECKSUM_OFFSET])
+            if expected != values["s_checksum"]:
+                raise self._corrupt(
+                    f"superblock checksum {values['s_checksum']:#010x} does not match "
+                    f"{expected:#010x}"
+                )
+        if incompat & fmt.FeatureIncompat.RECOVER:
+            raise UnsupportedError(
+                "the ext4 filesystem needs journal recovery (it was not unmounted cleanly); "
+                "replay the journal with 'e2fsck -fy IMAGE' and read it again"
+            )
+        unknown = incompat & ~_KNOWN_INCOMPAT
+        if unknown:
+            raise UnsupportedError(
+                f"unsupported ext4 incompatible features {fmt.FeatureIncompat(unknown)!r}"
+            )
+        self.incompat = incompat
+
+        log_block_size = values["s_log_block_size"]
+        if log_block_size > 6:
+            raise self._corrupt(f"s_log_block_size {log_block_size} (blocks above 64 KiB)")
+        self.block_size = 1024 << log_block_size
+        self.is_64bit = bool(incompat & fmt.FeatureIncompat.INCOMPAT_64BIT)
+        self.blocks_count = values["s_blocks_count_lo"]
+        if self.is_64bit:
+            self.blocks_count |= values["s_blocks_count_hi"] << 32
+        if self.blocks_count * self.block_size > self.device_size:
+            raise self._corrupt(
+                f"{self.blocks_count} blocks of {self.block_size} bytes do not fit on the "
+                f"{self.device_size}-byte disk"
+            )
+        self.inodes_per_group = values["s_inodes_per_group"]
+        self.blocks_per_group = values["s_blocks_per_group"]
+        self.inode_size = values["s_inode_size"] if values["s_rev_level"] else 128
+        if (
+            self.inode_size < fmt.GOOD_OLD_INODE_SIZE_BYTES
+            or self.inode_size > self.block_size
+            or self.inode_size & (self.inode_size - 1)
+        ):
+            raise self._corrupt(f"s_inode_size {self.inode_size}")
+        if not 0 < self.inodes_per_group <= 8 * self.block_size or not (
+            0 < self.blocks_per_group <= 8 * self.block_size
+        ):
+            raise self._corrupt(
+                f"{self.inodes_per_group} inodes or {self.blocks_per_group} blocks per group"
+            )
+        self.first_data_block = values["s_first_data_block"]
+        self.group_count = -(-(self.blocks_count - self.first_data_block) // self.blocks_per_group)
+        self.inodes_count = values["s_inodes_count"]
+        if self.inodes_count > self.group_count * self.inodes_per_group:
+            raise self._corrupt(f"s_inodes_count {self.inodes_count} exceeds the groups' inodes")
+        if incompat & fmt.FeatureIncompat.CSUM_SEED:
+            self.seed = values["s_checksum_seed"]
+        else:
+            self.seed = filesystem_seed(values["s_uuid"])
+        self.desc_size = values["s_desc_size"] if self.is_64bit else fmt.GROUP_DESC.size
+        if self.desc_size < fmt.GROUP_DESC.size or self.desc_size > self.block_size:
+            raise self._corrupt(f"s_desc_size {self.desc_size}")
+        if incompat & fmt.FeatureIncompat.META_BG:
+            raise UnsupportedError("unsupported ext4 feature meta_bg")
+
+    def _parse_group_descriptors(self) -> None:
+        table_start = (self.first_data_block + 1) * self.block_size
+        raw = self.device.pread(self.group_count * self.desc_size, table_start)
+        if len(raw) < self.group_count * self.desc_size:
+            raise self._corrupt("the group descriptor table runs past the end of the disk")
+        self.inode_tables: list[int] = []
+        for group in range(self.group_count):
+            descriptor = raw[group * self.desc_size : (group + 1) * self.desc_size]
+            table = int.from_bytes(descriptor[8:12], "little")
+            if self.desc_size >= _GROUP_DESC_64_SIZE:
+                table |= int.from_bytes(descriptor[0x28:0x2C], "little") << 32
+            if self.metadata_csum:
+                zeroed = bytearray(descriptor)
+                zeroed[fmt.GROUP_DESC_CHECKSUM_OFFSET : fmt.GROUP_DESC_CHECKSUM_OFFSET + 2] = b"\0\0"
+                expected = crc32c_raw(crc32c_raw(self.seed, group.to_bytes(4, "little")), zeroed)
+                stored = int.from_bytes(descriptor[0x1E:0x20], "little")
+                if expected & 0xFFFF != stored:
+                    raise self._corrupt(
+                        f"group descriptor {group} checksum {stored:#06x} does not match "
+                        f"{expected & 0xFFFF:#06x}"
+                    )
+            table_blocks = -(-self.inodes_per_group * self.inode_size // self.block_size)
+            if not 0 < table and table + table_blocks <= self.blocks_count:
+                raise self._corrupt(f"group {group}'s inode table at block {table}")
+            self.inode_tables.append(table)
+
+    # Blocks and inodes -----------------------------------------------------------------------
+
+    def _read_block_uncached(self, number: int) -> bytes:
+        if not 0 <= number < self.blocks_count:
+            raise self._corrupt(f"block {number} lies outside the {self.blocks_count}-block filesystem")
+        data = self.device.pread(self.block_size, number * self.block_size)
+        if len(data) != self.block_size:
+            raise self._corrupt(f"block {number} is cut short by the end of the disk")
+        return data
+
+    def read_block(self, number: int) -> bytes:
+        return self._read_block(number)
+
+    def _raw_inode(self, number: int) -> bytes:
+        if not 1 <= number <= self.inodes_count:
+            raise self._corrupt(f"inode number {number} is outside 1..{self.inodes_count}")
+        group, index = divmod(number - 1, self.inodes_per_group)
+        offset = self.inode_tables[group] * self.block_size + index * self.inode_size
+        block, within = divmod(offset, self.block_size)
+        raw = self.read_block(block)[within : within + self.inode_size]
+        if self.metadata_csum:
+            self._verify_inode(number, raw)
+        return raw
+
+    def _inode_seed(self, number: int, generation: int) -> int:
+        return crc32c_raw(
+            self.seed, number.to_bytes(4, "little") + generation.to_bytes(4, "little")
+        )
+
+    def _verify_inode(self, number: int, raw: bytes) -> None:
+        zeroed = bytearray(raw)
+        stored = int.from_bytes(raw[0x7C:0x7E], "little")
+        zeroed[0x7C:0x7E] = b"\0\0"
+        has_hi = False
+        if self.inode_size > fmt.GOOD_OLD_INODE_SIZE_BYTES:
+            extra = int.from_bytes(raw[0x80:0x82], "little")
+            if extra >= 4:
+                has_hi = True
+                stored |= int.from_bytes(raw[0x82:0x84], "little") << 16
+                zeroed[0x82:0x84] = b"\0\0"
+        generation = int.from_bytes(raw[0x64:0x68], "little")
+        expected = crc32c_raw(self._inode_seed(number, generation), zeroed)
+        if not has_hi:
+            expected &= 0xFFFF
+        if expected != stored:
+            raise self._corrupt(
+                f"inode {number} checksum {stored:#x} does not match {expected:#x}"
+            )
+
+    def inode(self, number: int) -> InodeInfo:
+        """Decode inode ``number``, xattrs included."""
+        raw = self._raw_inode(number)
+        fields = fmt.INODE.unpack_from(raw.ljust(fmt.INODE.size, b"\0"))
+        (
+            mode, uid_lo, size_lo, atime, ctime, mtime, _dtime, gid_lo, links, _blocks_lo,
+            flags, _version, _i_block, _generation, _acl_lo, size_hi, _faddr, _blocks_hi,
+            _acl_hi, uid_hi, gid_hi, _csum_lo, _reserved, extra_isize, _csum_hi,
+            ctime_extra, mtime_extra, atime_extra, crtime, crtime_extra, _version_hi, _projid,
+        ) = fields
+        if self.inode_size == fmt.GOOD_OLD_INODE_SIZE_BYTES:
+            extra_isize = 0
+        if extra_isize > self.inode_size - fmt.GOOD_OLD_INODE_SIZE_BYTES or extra_isize % 4:
+            raise self._corrupt(f"inode {number} i_extra_isize {extra_isize}")
+
+        def extra(offset: int, value: int) -> int | None:
+            return value if extra_isize >= offset - fmt.GOOD_OLD_INODE_SIZE_BYTES + 4 else None
+
+        info = InodeInfo(
+            number=number,
+            mode=mode,
+            uid=uid_lo | uid_hi << 16,
+            gid=gid_lo | gid_hi << 16,
+            size=size_lo | size_hi << 32,
+            links=links,
+            atime_ns=_decode_time(atime, extra(0x8C, atime_extra)),
+            mtime_ns=_decode_time(mtime, extra(0x88, mtime_extra)),
+            ctime_ns=_decode_time(ctime, extra(0x84, ctime_extra)),
+            crtime_ns=(
+                _decode_time(crtime, extra(0x94, crtime_extra))
+                if extra(0x90, crtime) is not None
+                else _decode_time(mtime, extra(0x88, mtime_extra))
+            ),
+            flags=flags,
+        )
+        kind = mode & fmt.S_IFMT
+        if kind in (fmt.S_IFCHR, fmt.S_IFBLK):
+            block = raw[fmt.INODE_BLOCK_OFFSET : fmt.INODE_BLOCK_OFFSET + 8]
+            old = int.from_bytes(block[0:4], "little")
+            new = int.from_bytes(block[4:8], "little")
+            if old:
+                info.rdev_major, info.rdev_minor = (old >> 8) & 0xFF, old & 0xFF
+            else:
+                info.rdev_major = (new & 0xFFF00) >> 8
+                info.rdev_minor = (new & 0xFF) | ((new >> 12) & 0xFFF00)
+        elif kind not in fmt.FILE_TYPE_BY_MODE:
+            raise self._corrupt(f"inode {number} has the unknown file type {kind:#o}")
+        info.xattrs = self._read_xattrs(number, raw, extra_isize)
+        return info
+
+    # Extended attributes -----------------------------------------------------------------
+
+    def _read_xattrs(self, number: int, raw: bytes, extra_isize: int) -> dict[bytes, bytes]:
+        xattrs: dict[bytes, bytes] = {}
+        start = fmt.GOOD_OLD_INODE_SIZE_BYTES + extra_isize
+        if self.inode_size > fmt.GOOD_OLD_INODE_SIZE_BYTES and start + 4 <= self.inode_size:
+            if int.from_bytes(raw[start : start + 4], "little") == fmt.EXT4_XATTR_MAGIC:
+                area = raw[start + 4 : self.inode_size]
+                self._parse_xattr_entries(number, area, 0, area, xattrs, "in-inode")
+
+        block_number = int.from_bytes(raw[0x68:0x6C], "little")
+        block_number |= int.from_bytes(raw[0x76:0x78], "little") << 32
+        if block_number:
+            block = self.read_block(block_number)
+            magic, _refcount, blocks, _hash, stored = fmt.XATTR_BLOCK_HEADER.unpack_from(block)[:5]
+            if magic != fmt.EXT4_XATTR_MAGIC or blocks != 1:
+                raise self._corrupt(f"inode {number}'s xattr block {block_number} has a bad header")
+            if self.metadata_csum:
+                zeroed = bytearray(block)
+                zeroed[0x10:0x14] = bytes(4)
+                expected = crc32c_raw(
+                    crc32c_raw(self.seed, block_number.to_bytes(8, "little")), zeroed
+                )
+                if expected != stored:
+                    raise self._corrupt(f"xattr block {block_number} checksum mismatch")
+            self._parse_xattr_entries(
+                number, block, fmt.XATTR_BLOCK_HEADER.size, block, xattrs, "block"
+            )
+        return xattrs
+
+    def _parse_xattr_entries(
+        self,
+        number: int,
+        area: bytes,
+        offset: int,
+        values: bytes,
+        out: dict[bytes, bytes],
+        where: str,
+    ) -> None:
+        while offset + 4 <= len(area) and area[offset : offset + 4] != b"\0\0\0\0":
+            if offset + fmt.XATTR_ENTRY.size > len(area):
+                raise self._corrupt(f"inode {number}'s {where} xattr entry at {offset} is cut short")
+            name_len, index, value_offset, value_inum, value_size, _hash = (
+                fmt.XATTR_ENTRY.unpack_from(area, offset)
+            )
+            name_start = offset + fmt.XATTR_ENTRY.size
+            name = area[name_start : name_start + name_len]
+            if len(name) != name_len:
+                raise self._corrupt(f"inode {number}'s {where} xattr name runs past its area")
+            if value_inum:
+                raise UnsupportedError(
+                    f"inode {number} stores an xattr value in inode {value_inum} (ea_inode)"
+                )
+            if value_offset + value_size > len(values):
+                raise self._corrupt(
+                    f"inode {number}'s {where} xattr {name!r} value at {value_offset} "
+                    f"({value_size} bytes) runs past its area"
+                )
+            prefix = _XATTR_NAME_PREFIX.get(index)
+            if prefix is None:
+                raise self._corrupt(f"inode {number} has xattr name index {index}")
+            out[prefix + name] = bytes(values[value_offset : value_offset + value_size])
+            offset = name_start + ((name_len + 3) & ~3)
+
+    # Extents and data ----------------------------------------------------------------------
+
+    def _extents(self, number: int, raw: bytes, size: int) -> list[_Extent]:
+        i_block = raw[fmt.INODE_BLOCK_OFFSET : fmt.INODE_BLOCK_OFFSET + fmt.INODE_BLOCK_SIZE_BYTES]
+        flags = int.from_bytes(raw[0x20:0x24], "little")
+        if not flags & fmt.InodeFlags.EXTENTS:
+            if size == 0:
+                return []
+            raise UnsupportedError(
+                f"inode {number} maps its data with indirect blocks; lcow reads extent-mapped "
+                "files only"
+            )
+        generation = int.from_bytes(raw[0x64:0x68], "little")
+        seed = self._inode_seed(number, generation)
+        extents: list[_Extent] = []
+        visited: set[int] = set()
+        max_blocks = -(-size // self.block_size) if size else 0
+        self._walk_node(number, i_block, None, seed, fmt.EXT_MAX_DEPTH, visited, extents)
+
+        previous_end = 0
+        for extent in extents:
+            if extent.logical < previous_end:
+                raise self._corrupt(f"inode {number}'s extents overlap or are out of order")
+            if extent.physical + extent.length > self.blocks_count or extent.physical == 0:
+                raise self._corrupt(f"inode {number} has an extent outside the filesystem")
+            previous_end = extent.logical + extent.length
+        del max_blocks
+        return extents
+
+    def _walk_node(
+        self,
+        number: int,
+        node: bytes,
+        block_number: int | None,
+        seed: int,
+        depth_left: int,
+        visited: set[int],
+        out: list[_Extent],
+    ) -> None:
+        magic, entries, max_entries, depth, _ = fmt.EXTENT_HEADER.unpack_from(node)
+        capacity = (len(node) - fmt.EXTENT_HEADER.size) // fmt.EXTENT.size
+        if magic != fmt.EXT4_EXT_MAGIC or entries > max_entries or max_entries > capacity:
+            raise self._corrupt(f"inode {number} has a bad extent node header")
+        if depth > depth_left:
+            raise self._corrupt(f"inode {number}'s extent tree is deeper than {fmt.EXT_MAX_DEPTH}")
+        if block_number is not None and self.metadata_csum:
+            tail = fmt.EXTENT_HEADER.size + max_entries * fmt.EXTENT.size
+            if tail + 4 > len(node):
+                raise self._corrupt(f"inode {number}'s extent block {block_number} has no tail")
+            expected = crc32c_raw(seed, node[:tail])
+            if expected != int.from_bytes(node[tail : tail + 4], "little"):
+                raise self._corrupt(f"inode {number}'s extent block {block_number} checksum mismatch")
+        for index in range(entries):
+            offset = fmt.EXTENT_HEADER.size + index * fmt.EXTENT.size
+            if depth == 0:
+                logical, length, start_hi, start_lo = fmt.EXTENT.unpack_from(node, offset)
+                initialized = length <= fmt.EXT_INIT_MAX_LEN
+                if not initialized:
+                    length -= fmt.EXT_INIT_MAX_LEN
+                out.append(_Extent(logical, start_hi << 32 | start_lo, length, initialized))
+                continue
+            _logical, leaf_lo, leaf_hi, _unused = fmt.EXTENT_INDEX.unpack_from(node, offset)
+            child = leaf_hi << 32 | leaf_lo
+            if child in visited:
+                raise self._corrupt(f"inode {number}'s extent tree visits block {child} twice")
+            visited.add(child)
+            child_node = self.read_block(child)
+            child_depth = fmt.EXTENT_HEADER.unpack_from(child_node)[3]
+            if child_depth != depth - 1:
+                raise self._corrupt(f"inode {number}'s extent tree has inconsistent depths")
+            self._walk_node(number, child_node, child, seed, depth - 1, visited, out)
+
+    def _inline_data(self, number: int, raw: bytes, info: InodeInfo) -> bytes:
+        data = raw[fmt.INODE_BLOCK_OFFSET : fmt.INODE_BLOCK_OFFSET + fmt.INODE_BLOCK_SIZE_BYTES]
+        data += info.xattrs.get(b"system.data", b"")
+        if info.size > len(data):
+            raise self._corrupt(f"inode {number}'s inline data is shorter than its size")
+        return data[: info.size]
+
+    def read_data(self, number: int) -> Iterator[tuple[int, bytes]]:
+        """Yield (offset, data) of a file's or symlink's content; gaps are holes."""
+        raw = self._raw_inode(number)
+        info = self.inode(number)
+        if info.flags & fmt.InodeFlags.INLINE_DATA:
+            data = self._inline_data(number, raw, info)
+            if data:
+                yield 0, data
+            return
+        block_size = self.block_size
+        for extent in self._extents(number, raw, info.size):
+            if not extent.initialized:
+                continue
+            start = extent.logical * block_size
+            if start >= info.size:
+                break
+            remaining = min(extent.length * block_size, info.size - start)
+            physical = extent.physical * block_size
+            position = 0
+            while position < remaining:
+                count = min(_READ_CHUNK_BYTES, remaining - position)
+                chunk = self.device.pread(count, physical + position)
+                if len(chunk) != count:
+                    raise self._corrupt(f"inode {number}'s data is cut short by the end of the disk")
+                yield start + position, chunk
+                position += count
+
+    def read_symlink(self, number: int) -> bytes:
+        """Return a symlink's target."""
+        raw = self._raw_inode(number)
+        info = self.inode(number)
+        if info.file_type != fmt.S_IFLNK:
+            raise self._corrupt(f"inode {number} is not a symlink")
+        flags = info.flags
+        if info.size < fmt.INODE_BLOCK_SIZE_BYTES and not flags & (
+            fmt.InodeFlags.EXTENTS | fmt.InodeFlags.INLINE_DATA
+        ):
+            return raw[fmt.INODE_BLOCK_OFFSET : fmt.INODE_BLOCK_OFFSET + info.size]
+        if info.size >= self.block_size:
+            raise self._corrupt(f"symlink inode {number} has a {info.size}-byte target")
+        return b"".join(data for _, data in self.read_data(number))
+
+    # Directories ---------------------------------------------------------------------------
+
+    def iterdir(self, number: int) -> Iterator[tuple[bytes, int, int]]:
+        """Yield (name, inode number, file type) of a directory, without ``.`` and ``..``."""
+        raw = self._raw_inode(number)
+        info = self.inode(number)
+        if info.file_type != fmt.S_IFDIR:
+            raise self._corrupt(f"inode {number} is not a directory")
+        if info.flags & fmt.InodeFlags.INLINE_DATA:
+            data = self._inline_data(number, raw, info)
+            # Inline directories start with the parent's inode number instead of "." and "..".
+            yield from self._parse_dirents(number, data, 4, len(data), check_tail=False)
+            return
+        generation = int.from_bytes(raw[0x64:0x68], "little")
+        seed = self._inode_seed(number, generation)
+        block_size = self.block_size
+        for extent in self._extents(number, raw, info.size):
+            if not extent.initialized:
+                continue
+            for index in range(extent.length):
+                if (extent.logical + index) * block_size >= info.size:
+                    return
+                block = self.read_block(extent.physical + index)
+                yield from self._dir_block(number, block, seed, info.flags)
+
+    def _dir_block(
+        self, number: int, block: bytes, seed: int, flags: int
+    ) -> Iterator[tuple[bytes, int, int]]:
+        block_size = self.block_size
+        tail_offset = block_size - fmt.DIR_ENTRY_TAIL.size
+        has_tail = False
+        if self.metadata_csum:
+            inode, rec_len, name_len, file_type, stored = fmt.DIR_ENTRY_TAIL.unpack_from(
+                block, tail_offset
+            )
+            has_tail = (inode, rec_len, name_len, file_type) == (
+                0, fmt.DIR_ENTRY_TAIL.size, 0, fmt.EXT4_DIR_TAIL_FILE_TYPE
+            )
+            if has_tail:
+                if crc32c_raw(seed, block[:tail_offset]) != stored:
+                    raise self._corrupt(f"directory inode {number} has a block with a bad checksum")
+            elif not flags & fmt.InodeFlags.INDEX:
+                raise self._corrupt(f"directory inode {number} has a block without a checksum tail")
+        end = tail_offset if has_tail else block_size
+        yield from self._parse_dirents(number, block, 0, end, check_tail=True)
+
+    def _parse_dirents(
+        self, number: int, data: bytes, offset: int, end: int, *, check_tail: bool
+    ) -> Iterator[tuple[bytes, int, int]]:
+        del check_tail
+        while offset + fmt.DIR_ENTRY_HEADER.size <= end:
+            inode, rec_len, name_len, file_type = fmt.DIR_ENTRY_HEADER.unpack_from(data, offset)
+            if rec_len in (0, 65535) and self.block_size == 65536:
+                rec_len = 65536
+            if rec_len < fmt.DIR_ENTRY_HEADER.size + name_len or rec_len % 4 or offset + rec_len > end:
+                raise self._corrupt(
+                    f"directory inode {number} has an entry at byte {offset} with rec_len {rec_len}"
+                )
+            name = data[offset + 8 : offset + 8 + name_len]
+            if inode and name not in (b".", b".."):
+                if not name or b"/" in name or b"\0" in name:
+                    raise self._corrupt(f"directory inode {number} has the invalid name {name!r}")
+                yield name, inode, file_type
+            offset += rec_len
+
+    def lookup(self, path: bytes) -> int:
+        """Return the inode number at ``path`` (relative to the root; symlinks not followed)."""
+        number = fmt.EXT4_ROOT_INO
+        for name in path.split(b"/"):
+            if name in (b"", b"."):
+                continue
+            for child_name, child, _ in self.iterdir(number):
+                if child_name == name:
+                    number = child
+                    break
+            else:
+                raise FileNotFoundError(f"{path!r} not found in the ext4 filesystem")
+        return number
+
+    def walk(self, top: int = fmt.EXT4_ROOT_INO) -> Iterator[tuple[bytes, InodeInfo]]:
+        """Yield (path, inode) for every entry below ``top``, depth first, names sorted.
+
+        Each directory is entered once; a directory reached twice is a loop and rejected.
+        """
+        seen_directories = {top}
+        stack: list[tuple[bytes, Iterator[tuple[bytes, int, int]]]] = [
+            (b"", iter(sorted(self.iterdir(top))))
+        ]
+        while stack:
+            prefix, children = stack[-1]
+            entry = next(children, None)
+            if entry is None:
+                stack.pop()
+                continue
+            name, child, _ = entry
+            path = prefix + name
+            info = self.inode(child)
+            yield path, info
+            if stat.S_ISDIR(info.mode):
+                if child in seen_directories:
+                    raise self._corrupt(f"directory inode {child} is reachable twice (a loop)")
+                seen_directories.add(child)
+                stack.append((path + b"/", iter(sorted(self.iterdir(child)))))
