@@ -46,7 +46,9 @@ def _parse_size(value: str) -> int:
     try:
         return int(float(number) * units[unit])
     except ValueError as err:
-        raise click.BadParameter(f"invalid size {value!r}: use bytes or a K, M, G, T suffix") from err
+        raise click.BadParameter(
+            f"invalid size {value!r}: use bytes or a K, M, G, T suffix"
+        ) from err
 
 
 @click.group()
@@ -102,7 +104,9 @@ def tar2vhd(source: str, output: str, raw: bool, max_size: str, progress: bool |
     try:
         raw_input = sys.stdin.buffer if source == "-" else open(source, "rb", buffering=0)  # noqa: SIM115
         with bar, raw_input:
-            counted = io.BufferedReader(_CountingReader(raw_input, bar), buffer_size=READ_CHUNK_BYTES)
+            counted = io.BufferedReader(
+                _CountingReader(raw_input, bar), buffer_size=READ_CHUNK_BYTES
+            )
             stats = convert_tar(counted, output, vhd_footer=not raw, max_size_bytes=max_size_bytes)
     except LcowError as err:
         raise click.ClickException(f"failed to convert {source}: {err}") from err

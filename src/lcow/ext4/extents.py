@@ -109,9 +109,7 @@ def build_tree(extent_count: int, packed: bytes, allocate_block: Callable[[], in
         for start in range(0, len(level), fmt.BLOCK_EXTENT_SLOTS):
             children = level[start : start + fmt.BLOCK_EXTENT_SLOTS]
             block = bytearray(fmt.BLOCK_SIZE_BYTES)
-            block[: fmt.EXTENT_HEADER.size] = _header(
-                len(children), fmt.BLOCK_EXTENT_SLOTS, depth
-            )
+            block[: fmt.EXTENT_HEADER.size] = _header(len(children), fmt.BLOCK_EXTENT_SLOTS, depth)
             block[fmt.EXTENT_HEADER.size : fmt.EXTENT_HEADER.size + len(children) * entry_size] = (
                 b"".join(entry for _, entry in children)
             )

@@ -384,7 +384,9 @@ INODE_XATTR_SPACE_BYTES: Final = INODE_SIZE_BYTES - INODE_XATTR_OFFSET
 
 # Extent tree nodes (fs/ext4/ext4_extents.h), little-endian, 12 bytes each.
 EXT4_EXT_MAGIC: Final = 0xF30A
-EXTENT_HEADER: Final = struct.Struct("<HHHHI")  # eh_magic, eh_entries, eh_max, eh_depth, eh_generation
+EXTENT_HEADER: Final = struct.Struct(
+    "<HHHHI"
+)  # eh_magic, eh_entries, eh_max, eh_depth, eh_generation
 EXTENT: Final = struct.Struct("<IHHI")  # ee_block, ee_len, ee_start_hi, ee_start_lo
 EXTENT_INDEX: Final = struct.Struct("<IIHH")  # ei_block, ei_leaf_lo, ei_leaf_hi, ei_unused
 EXTENT_TAIL: Final = struct.Struct("<I")  # et_checksum, right after eh_max entries
@@ -392,13 +394,17 @@ assert EXTENT_HEADER.size == EXTENT.size == EXTENT_INDEX.size == 12
 EXT_INIT_MAX_LEN: Final = 1 << 15  # an initialized extent covers at most 32768 blocks
 EXT_MAX_DEPTH: Final = 5  # the kernel rejects deeper trees (EXT4_MAX_EXTENT_DEPTH)
 INODE_EXTENT_SLOTS: Final = (INODE_BLOCK_SIZE_BYTES - EXTENT_HEADER.size) // EXTENT.size
-BLOCK_EXTENT_SLOTS: Final = (BLOCK_SIZE_BYTES - EXTENT_HEADER.size - EXTENT_TAIL.size) // EXTENT.size
+BLOCK_EXTENT_SLOTS: Final = (
+    BLOCK_SIZE_BYTES - EXTENT_HEADER.size - EXTENT_TAIL.size
+) // EXTENT.size
 assert INODE_EXTENT_SLOTS == 4
 assert BLOCK_EXTENT_SLOTS == 340
 
 # Directory entries (ext4_dir_entry_2) and the checksum tail of each leaf block.
 DIR_ENTRY_HEADER: Final = struct.Struct("<IHBB")  # inode, rec_len, name_len, file_type
-DIR_ENTRY_TAIL: Final = struct.Struct("<IHBBI")  # det_reserved_zero1, det_rec_len, zero2, ft, det_checksum
+DIR_ENTRY_TAIL: Final = struct.Struct(
+    "<IHBBI"
+)  # det_reserved_zero1, det_rec_len, zero2, ft, det_checksum
 assert DIR_ENTRY_HEADER.size == 8
 assert DIR_ENTRY_TAIL.size == 12
 EXT4_DIR_TAIL_FILE_TYPE: Final = 0xDE  # det_reserved_ft marks the tail as a fake entry

@@ -9,7 +9,6 @@ increasing order. Reserved blocks the final table does not need stay free.
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Final
 
 from lcow.errors import InvalidArgumentError
 from lcow.ext4 import format as fmt

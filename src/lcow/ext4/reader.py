@@ -121,7 +121,9 @@ class Ext4Reader:
     def __init__(self, device: BlockDevice, device_size: int) -> None:
         self.device = device
         self.device_size = device_size
-        self._read_block = functools.lru_cache(maxsize=_BLOCK_CACHE_ENTRIES)(self._read_block_uncached)
+        self._read_block = functools.lru_cache(maxsize=_BLOCK_CACHE_ENTRIES)(
+            self._read_block_uncached
+        )
         self._parse_superblock()
         self._parse_group_descriptors()
 
@@ -133,9 +135,14 @@ class Ext4Reader:
     def _parse_superblock(self) -> None:
         raw = self.device.pread(fmt.SUPERBLOCK_SIZE_BYTES, fmt.SUPERBLOCK_OFFSET_BYTES)
         if len(raw) < fmt.SUPERBLOCK_SIZE_BYTES:
-            raise self._corrupt(f"the disk ends at byte {fmt.SUPERBLOCK_OFFSET_BYTES + len(raw)}, before the superblock")
+            raise self._corrupt(
+                f"the disk ends at byte {fmt.SUPERBLOCK_OFFSET_BYTES + len(raw)}, "
+                "before the superblock"
+            )
         values = dict(
-            zip((name for name, _ in fmt.SUPERBLOCK_FIELDS), fmt.SUPERBLOCK.unpack(raw), strict=True)
+            zip(
+                (name for name, _ in fmt.SUPERBLOCK_FIELDS), fmt.SUPERBLOCK.unpack(raw), strict=True
+            )
         )
         if values["s_magic"] != fmt.EXT4_SUPER_MAGIC:
             raise CorruptInputError(
@@ -223,7 +230,9 @@ class Ext4Reader:
                 table |= int.from_bytes(descriptor[0x28:0x2C], "little") << 32
             if self.metadata_csum:
                 zeroed = bytearray(descriptor)
-                zeroed[fmt.GROUP_DESC_CHECKSUM_OFFSET : fmt.GROUP_DESC_CHECKSUM_OFFSET + 2] = b"\0\0"
+                zeroed[fmt.GROUP_DESC_CHECKSUM_OFFSET : fmt.GROUP_DESC_CHECKSUM_OFFSET + 2] = (
+                    b"\0\0"
+                )
                 expected = crc32c_raw(crc32c_raw(self.seed, group.to_bytes(4, "little")), zeroed)
                 stored = int.from_bytes(descriptor[0x1E:0x20], "little")
                 if expected & 0xFFFF != stored:
@@ -232,7 +241,7 @@ class Ext4Reader:
                         f"{expected & 0xFFFF:#06x}"
                     )
             table_blocks = -(-self.inodes_per_group * self.inode_size // self.block_size)
-            if not 0 < table and table + table_blocks <= self.blocks_count:
+            if not table > 0 and table + table_blocks <= self.blocks_count:
                 raise self._corrupt(f"group {group}'s inode table at block {table}")
             self.inode_tables.append(table)
 
@@ -240,7 +249,9 @@ class Ext4Reader:
 
     def _read_block_uncached(self, number: int) -> bytes:
         if not 0 <= number < self.blocks_count:
-            raise self._corrupt(f"block {number} lies outside the {self.blocks_count}-block filesystem")
+            raise self._corrupt(
+                f"block {number} lies outside the {self.blocks_count}-block filesystem"
+            )
         data = self.device.pread(self.block_size, number * self.block_size)
         if len(data) != self.block_size:
             raise self._corrupt(f"block {number} is cut short by the end of the disk")
@@ -281,19 +292,45 @@ class Ext4Reader:
         if not has_hi:
             expected &= 0xFFFF
         if expected != stored:
-            raise self._corrupt(
-                f"inode {number} checksum {stored:#x} does not match {expected:#x}"
-            )
+            raise self._corrupt(f"inode {number} checksum {stored:#x} does not match {expected:#x}")
 
     def inode(self, number: int) -> InodeInfo:
         """Decode inode ``number``, xattrs included."""
         raw = self._raw_inode(number)
         fields = fmt.INODE.unpack_from(raw.ljust(fmt.INODE.size, b"\0"))
         (
-            mode, uid_lo, size_lo, atime, ctime, mtime, _dtime, gid_lo, links, _blocks_lo,
-            flags, _version, _i_block, _generation, _acl_lo, size_hi, _faddr, _blocks_hi,
-            _acl_hi, uid_hi, gid_hi, _csum_lo, _reserved, extra_isize, _csum_hi,
-            ctime_extra, mtime_extra, atime_extra, crtime, crtime_extra, _version_hi, _projid,
+            mode,
+            uid_lo,
+            size_lo,
+            atime,
+            ctime,
+            mtime,
+            _dtime,
+            gid_lo,
+            links,
+            _blocks_lo,
+            flags,
+            _version,
+            _i_block,
+            _generation,
+            _acl_lo,
+            size_hi,
+            _faddr,
+            _blocks_hi,
+            _acl_hi,
+            uid_hi,
+            gid_hi,
+            _csum_lo,
+            _reserved,
+            extra_isize,
+            _csum_hi,
+            ctime_extra,
+            mtime_extra,
+            atime_extra,
+            crtime,
+            crtime_extra,
+            _version_hi,
+            _projid,
         ) = fields
         if self.inode_size == fmt.GOOD_OLD_INODE_SIZE_BYTES:
             extra_isize = 0
@@ -340,10 +377,13 @@ class Ext4Reader:
     def _read_xattrs(self, number: int, raw: bytes, extra_isize: int) -> dict[bytes, bytes]:
         xattrs: dict[bytes, bytes] = {}
         start = fmt.GOOD_OLD_INODE_SIZE_BYTES + extra_isize
-        if self.inode_size > fmt.GOOD_OLD_INODE_SIZE_BYTES and start + 4 <= self.inode_size:
-            if int.from_bytes(raw[start : start + 4], "little") == fmt.EXT4_XATTR_MAGIC:
-                area = raw[start + 4 : self.inode_size]
-                self._parse_xattr_entries(number, area, 0, area, xattrs, "in-inode")
+        if (
+            self.inode_size > fmt.GOOD_OLD_INODE_SIZE_BYTES
+            and start + 4 <= self.inode_size
+            and int.from_bytes(raw[start : start + 4], "little") == fmt.EXT4_XATTR_MAGIC
+        ):
+            area = raw[start + 4 : self.inode_size]
+            self._parse_xattr_entries(number, area, 0, area, xattrs, "in-inode")
 
         block_number = int.from_bytes(raw[0x68:0x6C], "little")
         block_number |= int.from_bytes(raw[0x76:0x78], "little") << 32
@@ -376,7 +416,9 @@ class Ext4Reader:
     ) -> None:
         while offset + 4 <= len(area) and area[offset : offset + 4] != b"\0\0\0\0":
             if offset + fmt.XATTR_ENTRY.size > len(area):
-                raise self._corrupt(f"inode {number}'s {where} xattr entry at {offset} is cut short")
+                raise self._corrupt(
+                    f"inode {number}'s {where} xattr entry at {offset} is cut short"
+                )
             name_len, index, value_offset, value_inum, value_size, _hash = (
                 fmt.XATTR_ENTRY.unpack_from(area, offset)
             )
@@ -450,7 +492,9 @@ class Ext4Reader:
                 raise self._corrupt(f"inode {number}'s extent block {block_number} has no tail")
             expected = crc32c_raw(seed, node[:tail])
             if expected != int.from_bytes(node[tail : tail + 4], "little"):
-                raise self._corrupt(f"inode {number}'s extent block {block_number} checksum mismatch")
+                raise self._corrupt(
+                    f"inode {number}'s extent block {block_number} checksum mismatch"
+                )
         for index in range(entries):
             offset = fmt.EXTENT_HEADER.size + index * fmt.EXTENT.size
             if depth == 0:
@@ -501,7 +545,9 @@ class Ext4Reader:
                 count = min(_READ_CHUNK_BYTES, remaining - position)
                 chunk = self.device.pread(count, physical + position)
                 if len(chunk) != count:
-                    raise self._corrupt(f"inode {number}'s data is cut short by the end of the disk")
+                    raise self._corrupt(
+                        f"inode {number}'s data is cut short by the end of the disk"
+                    )
                 yield start + position, chunk
                 position += count
 
@@ -556,7 +602,10 @@ class Ext4Reader:
                 block, tail_offset
             )
             has_tail = (inode, rec_len, name_len, file_type) == (
-                0, fmt.DIR_ENTRY_TAIL.size, 0, fmt.EXT4_DIR_TAIL_FILE_TYPE
+                0,
+                fmt.DIR_ENTRY_TAIL.size,
+                0,
+                fmt.EXT4_DIR_TAIL_FILE_TYPE,
             )
             if has_tail:
                 if crc32c_raw(seed, block[:tail_offset]) != stored:
@@ -574,7 +623,11 @@ class Ext4Reader:
             inode, rec_len, name_len, file_type = fmt.DIR_ENTRY_HEADER.unpack_from(data, offset)
             if rec_len in (0, 65535) and self.block_size == 65536:
                 rec_len = 65536
-            if rec_len < fmt.DIR_ENTRY_HEADER.size + name_len or rec_len % 4 or offset + rec_len > end:
+            if (
+                rec_len < fmt.DIR_ENTRY_HEADER.size + name_len
+                or rec_len % 4
+                or offset + rec_len > end
+            ):
                 raise self._corrupt(
                     f"directory inode {number} has an entry at byte {offset} with rec_len {rec_len}"
                 )

@@ -109,8 +109,7 @@ def encode_device(major: int, minor: int) -> bytes:
         return ((major << 8) | minor).to_bytes(4, "little").ljust(fmt.INODE_BLOCK_SIZE_BYTES, b"\0")
     if major >= 1 << 12 or minor >= 1 << 20:
         raise UnsupportedError(
-            f"device number {major}:{minor} does not fit the kernel's 12-bit major and "
-            "20-bit minor"
+            f"device number {major}:{minor} does not fit the kernel's 12-bit major and 20-bit minor"
         )
     new = (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)
     return (bytes(4) + new.to_bytes(4, "little")).ljust(fmt.INODE_BLOCK_SIZE_BYTES, b"\0")
@@ -401,9 +400,7 @@ class Ext4Writer:
     def set_xattr(self, inode: Inode, xattr: xattr_codec.Xattr) -> None:
         """Set one attribute on ``inode``, replacing one of the same name."""
         kept = tuple(
-            x
-            for x in inode.meta.xattrs
-            if (x.name_index, x.name) != (xattr.name_index, xattr.name)
+            x for x in inode.meta.xattrs if (x.name_index, x.name) != (xattr.name_index, xattr.name)
         )
         xattrs = (*kept, xattr)
         xattr_codec.split_inode_and_block(xattrs)  # raises now if they cannot be stored
@@ -642,8 +639,13 @@ class _Finisher:
                     data = blocks[index + offset]
                     checksum = crc32c_raw(seed, data[:tail_offset])
                     fmt.DIR_ENTRY_TAIL.pack_into(
-                        data, tail_offset, 0, fmt.DIR_ENTRY_TAIL.size, 0,
-                        fmt.EXT4_DIR_TAIL_FILE_TYPE, checksum,
+                        data,
+                        tail_offset,
+                        0,
+                        fmt.DIR_ENTRY_TAIL.size,
+                        0,
+                        fmt.EXT4_DIR_TAIL_FILE_TYPE,
+                        checksum,
                     )
                     writer.sink.write((start + offset) * BLOCK, data)
                 index += length
@@ -746,13 +748,13 @@ class _Finisher:
         free_runs = list(self.allocator.free_runs)
         for region in self.allocator.regions:
             if region.group in sb_groups:
-                free_runs.append((region.start + 1 + gdt_blocks, region.end - region.start - 1 - gdt_blocks))
+                free_runs.append(
+                    (region.start + 1 + gdt_blocks, region.end - region.start - 1 - gdt_blocks)
+                )
             elif region.start < blocks_count:
                 free_runs.append((region.start, region.end - region.start))
         if self.allocator.next_block < blocks_count:
-            free_runs.append(
-                (self.allocator.next_block, blocks_count - self.allocator.next_block)
-            )
+            free_runs.append((self.allocator.next_block, blocks_count - self.allocator.next_block))
 
         block_bitmap_data = self._block_bitmaps(groups, blocks_count, free_runs)
         free_blocks_total = 0
@@ -780,7 +782,7 @@ class _Finisher:
                     used_here += 1
                 if number >= writer.inode_slots:
                     continue
-                inode = writer._inodes[number]  # noqa: SLF001 - the finisher is the writer's own
+                inode = writer._inodes[number]
                 if inode is None:
                     continue
                 if number >= fmt.EXT4_GOOD_OLD_FIRST_INO:
@@ -798,7 +800,9 @@ class _Finisher:
             _pwrite_all(writer.fd, bitmap, inode_bitmaps[group] * BLOCK)
             _pwrite_all(writer.fd, block_bitmap_data[group], block_bitmaps[group] * BLOCK)
 
-            block_bitmap_csum = crc32c_raw(self.seed, block_bitmap_data[group][: fmt.BLOCKS_PER_GROUP // 8])
+            block_bitmap_csum = crc32c_raw(
+                self.seed, block_bitmap_data[group][: fmt.BLOCKS_PER_GROUP // 8]
+            )
             inode_bitmap_csum = crc32c_raw(self.seed, bitmap[: inodes_per_group // 8])
             descriptor = bytearray(
                 fmt.GROUP_DESC.pack(
@@ -824,7 +828,11 @@ class _Finisher:
             descriptors[offset : offset + fmt.GROUP_DESC.size] = descriptor
 
         superblock = self._superblock(
-            blocks_count, inode_count, inodes_per_group, free_blocks_total, inode_count - used_inodes
+            blocks_count,
+            inode_count,
+            inodes_per_group,
+            free_blocks_total,
+            inode_count - used_inodes,
         )
         for group in sb_groups:
             start = group * fmt.BLOCKS_PER_GROUP

@@ -206,7 +206,9 @@ def encode_block(xattrs: Sequence[Xattr], block_number: int, seed: int) -> bytes
     block_hash = 0
     for hash_value in hashes:
         block_hash = (
-            (block_hash << _BLOCK_HASH_SHIFT) ^ (block_hash >> (32 - _BLOCK_HASH_SHIFT)) ^ hash_value
+            (block_hash << _BLOCK_HASH_SHIFT)
+            ^ (block_hash >> (32 - _BLOCK_HASH_SHIFT))
+            ^ hash_value
         ) & _MASK
     fmt.XATTR_BLOCK_HEADER.pack_into(block, 0, fmt.EXT4_XATTR_MAGIC, 1, 1, block_hash, 0, b"")
 

@@ -113,7 +113,9 @@ class MergedView:
             node = layer.inode(layer.top)
             found = True
             for name in path:
-                number = layer.listing(node.number).get(name) if node.file_type == fmt.S_IFDIR else None
+                number = (
+                    layer.listing(node.number).get(name) if node.file_type == fmt.S_IFDIR else None
+                )
                 if number is None:
                     found = False
                     break
@@ -154,9 +156,8 @@ def _walk_layer(
     for name, number in sorted(layer.listing(directory).items()):
         child_path = [*path, name]
         inode = layer.inode(number)
-        if not path and name == LOST_AND_FOUND and layer.top == fmt.EXT4_ROOT_INO:
-            if inode.file_type == fmt.S_IFDIR and not layer.listing(number):
-                continue  # the image's own lost+found, which no tar put there
+        if _is_own_lost_and_found(layer, path, name, inode):
+            continue
         below = lower.lookup(child_path)
         if _is_whiteout(inode):
             out.append(Change(_join(child_path), ChangeKind.DELETE))
@@ -168,10 +169,25 @@ def _walk_layer(
             continue
         if _is_opaque(inode) and below is not None and below[1].file_type == fmt.S_IFDIR:
             own = layer.listing(number)
-            for hidden in sorted(lower.children(child_path)):
-                if hidden not in own:
-                    out.append(Change(_join([*child_path, hidden]), ChangeKind.DELETE))
+            out.extend(
+                Change(_join([*child_path, hidden]), ChangeKind.DELETE)
+                for hidden in sorted(lower.children(child_path))
+                if hidden not in own
+            )
         _walk_layer(layer, lower, number, child_path, out)
+
+
+def _is_own_lost_and_found(
+    layer: LayerTree, path: list[bytes], name: bytes, inode: InodeInfo
+) -> bool:
+    """Tell whether this is an image's empty lost+found, which no tar put there."""
+    return (
+        not path
+        and name == LOST_AND_FOUND
+        and layer.top == fmt.EXT4_ROOT_INO
+        and inode.file_type == fmt.S_IFDIR
+        and not layer.listing(inode.number)
+    )
 
 
 def _differs(old: InodeInfo, new: InodeInfo) -> bool:

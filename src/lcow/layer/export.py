@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import IO, Final
 
 from lcow.ext4 import format as fmt
-from lcow.ext4.reader import Ext4Reader, InodeInfo
+from lcow.ext4.reader import Ext4Reader, FileDevice, InodeInfo
 
 WHITEOUT_PREFIX: Final = ".wh."
 OPAQUE_MARKER: Final = ".wh..wh..opq"
@@ -78,7 +78,11 @@ def _pax_time(time_ns: int) -> str:
     if seconds < 0 and nanoseconds:
         # PAX times are decimal: -1.5 means 1.5 s before the epoch.
         whole, fraction = seconds + 1, 1_000_000_000 - nanoseconds
-        return f"-{abs(whole)}.{fraction:09d}".rstrip("0") if whole == 0 else f"{whole}.{fraction:09d}".rstrip("0")
+        return (
+            f"-{abs(whole)}.{fraction:09d}".rstrip("0")
+            if whole == 0
+            else f"{whole}.{fraction:09d}".rstrip("0")
+        )
     return f"{seconds}.{nanoseconds:09d}".rstrip("0")
 
 
@@ -107,10 +111,12 @@ def _entries(
     reader: Ext4Reader, top: int, skip_lost_and_found: bool
 ) -> Iterator[tuple[bytes, InodeInfo]]:
     for path, inode in reader.walk(top):
-        if skip_lost_and_found and (path == LOST_AND_FOUND or path.startswith(LOST_AND_FOUND + b"/")):
-            if path == LOST_AND_FOUND and next(reader.iterdir(inode.number), None) is not None:
-                yield path, inode
-            elif path != LOST_AND_FOUND:
+        if skip_lost_and_found and (
+            path == LOST_AND_FOUND or path.startswith(LOST_AND_FOUND + b"/")
+        ):
+            if (
+                path == LOST_AND_FOUND and next(reader.iterdir(inode.number), None) is not None
+            ) or path != LOST_AND_FOUND:
                 yield path, inode
             continue
         yield path, inode
@@ -161,13 +167,17 @@ def export_tar(reader: Ext4Reader, output: IO[bytes], *, subdirectory: bytes | N
             if kind == fmt.S_IFREG:
                 info = _header(path, inode, tarfile.REGTYPE)
                 info.size = inode.size
-                archive.addfile(info, io.BufferedReader(_DataReader(reader, inode), _COPY_BUFFER_BYTES))
+                archive.addfile(
+                    info, io.BufferedReader(_DataReader(reader, inode), _COPY_BUFFER_BYTES)
+                )
             elif kind == fmt.S_IFLNK:
                 info = _header(path, inode, tarfile.SYMTYPE)
                 info.linkname = _name(reader.read_symlink(inode.number))
                 archive.addfile(info)
             elif kind in (fmt.S_IFCHR, fmt.S_IFBLK):
-                info = _header(path, inode, tarfile.CHRTYPE if kind == fmt.S_IFCHR else tarfile.BLKTYPE)
+                info = _header(
+                    path, inode, tarfile.CHRTYPE if kind == fmt.S_IFCHR else tarfile.BLKTYPE
+                )
                 info.devmajor = inode.rdev_major
                 info.devminor = inode.rdev_minor
                 archive.addfile(info)
@@ -181,8 +191,6 @@ def export_tar(reader: Ext4Reader, output: IO[bytes], *, subdirectory: bytes | N
 
 def open_image(path: str | os.PathLike[str]) -> tuple[Ext4Reader, int]:
     """Open a layer image (raw ext4 or with a VHD footer) for reading; returns (reader, fd)."""
-    from lcow.ext4.reader import FileDevice
-
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size = os.fstat(fd).st_size

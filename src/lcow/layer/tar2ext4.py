@@ -208,6 +208,20 @@ def uid_or_gid_invalid(entry: TarEntry) -> bool:
     return not (0 <= entry.uid < 2**32 and 0 <= entry.gid < 2**32)
 
 
+def _apply_all(converter: _Converter, reader: TarReader) -> None:
+    for entry in reader:
+        try:
+            converter.apply(entry, reader)
+        except CorruptInputError:
+            raise
+        except LcowError as err:
+            # Name the entry once, here, for every error the rules raise.
+            raise type(err)(
+                f"failed to convert entry {_show(entry.path)} at tar byte "
+                f"{entry.header_offset}: {err}"
+            ) from err
+
+
 def convert_stream(
     source: IO[bytes],
     output_fd: int,
@@ -232,16 +246,8 @@ def convert_stream(
             log.info("empty layer stream: writing an empty image")
         else:
             with _open_reader(stream) as reader:
-                for entry in reader:
-                    try:
-                        converter.apply(entry, reader)
-                    except CorruptInputError:
-                        raise
-                    except LcowError as err:
-                        raise type(err)(
-                            f"failed to convert entry {_show(entry.path)} at tar byte "
-                            f"{entry.header_offset}: {err}"
-                        ) from err
+                if reader is not None:
+                    _apply_all(converter, reader)
     finally:
         stream.close()
 
@@ -259,14 +265,14 @@ def convert_stream(
 
 
 @contextlib.contextmanager
-def _open_reader(stream: LayerStream) -> Iterator[TarReader | tuple[()]]:
-    """Open libarchive on ``stream``; a compressed stream of zero tar bytes is an empty layer."""
+def _open_reader(stream: LayerStream) -> Iterator[TarReader | None]:
+    """Open libarchive on ``stream``; None stands for a compressed stream of zero tar bytes."""
     try:
         reader = TarReader(stream)
     except CorruptInputError:
         if stream.at_eof and stream.bytes_read == 0:
             log.info("empty %s layer stream: writing an empty image", stream.compression)
-            yield ()
+            yield None
             return
         raise
     with reader:

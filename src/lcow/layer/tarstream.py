@@ -16,7 +16,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import IO, Final
+from typing import IO, Any, Final
 
 import libarchive.ffi as libarchive_ffi
 import zstandard
@@ -143,10 +143,10 @@ class LayerStream:
         self._stream: IO[bytes]
         if head.startswith(GZIP_MAGIC):
             self.compression = "gzip"
-            self._stream = igzip_threaded.open(source, "rb", threads=1)
+            self._stream = igzip_threaded.open(source, "rb", threads=1)  # type: ignore[no-untyped-call]
         elif head.startswith(ZSTD_MAGIC):
             self.compression = "zstd"
-            self._stream = zstandard.ZstdDecompressor().stream_reader(  # type: ignore[assignment]
+            self._stream = zstandard.ZstdDecompressor().stream_reader(
                 source, read_across_frames=True, closefd=False
             )
         else:
@@ -211,7 +211,7 @@ class TarReader:
         if _lib.archive_read_open(self._archive, None, None, self._callback, None) != ARCHIVE_OK:
             self._raise("open the tar stream")
 
-    def _read(self, _archive: int, _context: int, pointer: object) -> int:
+    def _read(self, _archive: int, _context: int, pointer: Any) -> int:
         # libarchive calls this for more input; exceptions cannot cross the C frames, so
         # they are kept and raised again after libarchive returns.
         try:
@@ -326,7 +326,7 @@ class TarReader:
                 )
                 == ARCHIVE_OK
             ):
-                data = ctypes.string_at(value.value, size.value) if size.value else b""
+                data = ctypes.string_at(value.value or 0, size.value) if size.value else b""
                 decoded.xattrs.append((name.value or b"", data))
         return decoded
 
@@ -355,4 +355,4 @@ def open_source(path: str | os.PathLike[str]) -> IO[bytes]:
     """Open a layer file (or ``-`` for stdin) for :class:`LayerStream`."""
     if os.fspath(path) == "-":
         return io.BufferedReader(io.FileIO(os.dup(0), "rb"), buffer_size=READ_CHUNK_BYTES)
-    return open(path, "rb", buffering=READ_CHUNK_BYTES)  # noqa: SIM115 - caller closes
+    return open(path, "rb", buffering=READ_CHUNK_BYTES)

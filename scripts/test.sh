@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Run every check of the project: lint, formatting, types, then the tests.
+#
+#   scripts/test.sh [PYTEST_ARGUMENTS...]
+#
+# Expects the virtual environment .venv with the test extras (`pip install -e '.[test]'`),
+# which .ci/run creates. The tests need root, GNU tar and e2fsprogs, and the layer corpus
+# ($LCOW_CORPUS, default /var/cache/lcow-corpus); see docs/corpus.md.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bin=.venv/bin
+
+"$bin/ruff" check .
+"$bin/ruff" format --check .
+"$bin/mypy"
+
+status=0
+"$bin/pytest" "$@" || status=$?
+
+# pytest exits with 5 when it collected no tests; a run that tested nothing is a failure.
+if [ "$status" -eq 5 ]; then
+  echo "scripts/test.sh: pytest collected no tests" >&2
+fi
+exit "$status"
