@@ -347,10 +347,10 @@ class Ext4Writer:
     def add_symlink(self, path: Sequence[bytes], meta: Metadata, target: bytes) -> Inode:
         """Create a symlink; short targets live in i_block, longer ones in a data block."""
         if not target:
-            raise InvalidArgumentError(f"invalid symlink {b'/'.join(path)!r}: empty target")
+            raise InvalidArgumentError(f"invalid symlink {_show(path)}: empty target")
         if len(target) >= BLOCK:
             raise UnsupportedError(
-                f"symlink {b'/'.join(path)!r} has a {len(target)}-byte target; ext4 allows "
+                f"symlink {_show(path)} has a {len(target)}-byte target; ext4 allows "
                 f"at most {BLOCK - 1}"
             )
         parent, name = self._require_parent(path)
@@ -385,11 +385,11 @@ class Ext4Writer:
         """Give ``target`` (not a directory) one more name."""
         if target.is_dir:
             raise InvalidArgumentError(
-                f"invalid hard link {b'/'.join(path)!r}: its target is a directory"
+                f"invalid hard link {_show(path)}: its target is a directory"
             )
         if target.links >= _MAX_FILE_LINKS:
             raise UnsupportedError(
-                f"hard link {b'/'.join(path)!r} would give inode {target.number} more than "
+                f"hard link {_show(path)} would give inode {target.number} more than "
                 f"{_MAX_FILE_LINKS} links, the ext4 maximum"
             )
         parent, name = self._require_parent(path)
@@ -415,7 +415,7 @@ class Ext4Writer:
             xattrs,
         )
 
-    def ensure_directory(self, path: Sequence[bytes]) -> Inode:
+    def ensure_directory(self, path: Sequence[bytes], *, entry: Sequence[bytes] = ()) -> Inode:
         """Return the directory at ``path``, creating it and its parents implicitly.
 
         A whiteout in the way is replaced by an opaque directory. A symlink in the way is
@@ -440,14 +440,14 @@ class Ext4Writer:
                     self.set_xattr(child, self.opaque_xattr)
             elif child.mode & fmt.S_IFMT == fmt.S_IFLNK:
                 raise InvalidArgumentError(
-                    f"invalid path {b'/'.join(path)!r}: its parent "
-                    f"{b'/'.join(path[: index + 1])!r} is a symlink of this layer, and lcow "
-                    "does not follow symlinks; put the entry under the symlink's target"
+                    f"invalid path {_show(entry or path)}: {_show(path[: index + 1])} is a "
+                    "symlink of this layer, and lcow does not follow symlinks; put the entry "
+                    "under the symlink's target"
                 )
             elif not child.is_dir:
                 raise InvalidArgumentError(
-                    f"invalid path {b'/'.join(path)!r}: its parent "
-                    f"{b'/'.join(path[: index + 1])!r} is not a directory"
+                    f"invalid path {_show(entry or path)}: {_show(path[: index + 1])} is "
+                    "not a directory"
                 )
             node = child
         return node
@@ -475,7 +475,7 @@ class Ext4Writer:
             return None, b""
         for name in path:
             _check_name(name, path)
-        return self.ensure_directory(path[:-1]), path[-1]
+        return self.ensure_directory(path[:-1], entry=path), path[-1]
 
     def _require_parent(self, path: Sequence[bytes]) -> tuple[Inode, bytes]:
         parent, name = self._parent_of(path)
@@ -546,12 +546,17 @@ class Ext4Writer:
         return len(self._inodes)
 
 
+def _show(path: Sequence[bytes]) -> str:
+    """Render a path for a message: UTF-8 where it is, escapes for other bytes."""
+    return repr(b"/".join(path).decode("utf-8", "backslashreplace"))
+
+
 def _check_name(name: bytes, path: Sequence[bytes]) -> None:
     if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
-        raise InvalidArgumentError(f"invalid path component {name!r} in {b'/'.join(path)!r}")
+        raise InvalidArgumentError(f"invalid path component {name!r} in {_show(path)}")
     if len(name) > fmt.EXT4_NAME_LEN:
         raise InvalidArgumentError(
-            f"invalid path {b'/'.join(path)!r}: the component {name[:40]!r}... is "
+            f"invalid path {_show(path)}: the component {name[:40]!r}... is "
             f"{len(name)} bytes, ext4 allows at most {fmt.EXT4_NAME_LEN}"
         )
 

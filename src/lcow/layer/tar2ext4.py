@@ -163,7 +163,9 @@ class _Converter:
             writer.add_special(path, meta, kind, entry.rdev_major, entry.rdev_minor)
         else:
             raise UnsupportedError(
-                f"unsupported tar entry {_show(entry.path)}: file type {kind:#o}"
+                f"unsupported tar entry {_show(entry.path)}: it is not a file, directory, "
+                "link, device or FIFO (for example a GNU multi-volume continuation); "
+                "convert a single-volume tar instead"
             )
 
     def _apply_whiteout(self, entry: TarEntry, path: list[bytes]) -> None:
@@ -299,24 +301,35 @@ def convert_tar(
         else:
             stream = source
 
-        fd, temporary = tempfile.mkstemp(
-            prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent
-        )
-        with contextlib.ExitStack() as undo:
-            undo.callback(_remove_quietly, temporary)
-            with os.fdopen(fd, "r+b", buffering=0) as output:
-                stats, digest = convert_stream(
-                    stream, output.fileno(), max_size_bytes=max_size_bytes, on_read=on_read
-                )
-                if vhd_footer:
-                    unique_id = hashlib.sha256(b"lcow vhd unique id\0" + digest).digest()[:16]
-                    vhd.append_footer(output.fileno(), stats.image_size_bytes, unique_id)
-                os.fsync(output.fileno())
-                os.fchmod(output.fileno(), 0o644)
-            os.replace(temporary, destination)
-            undo.pop_all()
-    _fsync_directory(destination.parent)
+        with atomic_output(destination) as output:
+            stats, digest = convert_stream(
+                stream, output.fileno(), max_size_bytes=max_size_bytes, on_read=on_read
+            )
+            if vhd_footer:
+                unique_id = hashlib.sha256(b"lcow vhd unique id\0" + digest).digest()[:16]
+                vhd.append_footer(output.fileno(), stats.image_size_bytes, unique_id)
     return stats
+
+
+@contextlib.contextmanager
+def atomic_output(destination: Path, mode: int = 0o644) -> Iterator[IO[bytes]]:
+    """Yield a temporary file beside ``destination``; rename it into place on success.
+
+    The file is flushed to disk before the rename and the folder after it, so after a crash
+    ``destination`` is either complete or absent. On error the temporary file is removed.
+    """
+    fd, temporary = tempfile.mkstemp(
+        prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent
+    )
+    with contextlib.ExitStack() as undo:
+        undo.callback(_remove_quietly, temporary)
+        with os.fdopen(fd, "r+b", buffering=0) as output:
+            yield output
+            os.fsync(output.fileno())
+            os.fchmod(output.fileno(), mode)
+        os.replace(temporary, destination)
+        undo.pop_all()
+    _fsync_directory(destination.parent)
 
 
 def _remove_quietly(path: str) -> None:

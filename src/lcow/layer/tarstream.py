@@ -157,8 +157,9 @@ class LayerStream:
             count = self._stream.readinto(buffer)  # type: ignore[attr-defined]
         except (OSError, EOFError, zstandard.ZstdError) as err:
             raise CorruptInputError(
-                f"failed to decompress the {self.compression} layer after "
-                f"{self.bytes_read} bytes of tar data: {err}"
+                f"failed to decompress the {self.compression} layer: {err} (the stream is "
+                f"corrupt or truncated; noticed after {self.bytes_read} bytes of tar data, "
+                "which can be earlier than the fault because decompression reads ahead)"
             ) from err
         if not count:
             self.at_eof = True
