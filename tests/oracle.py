@@ -119,7 +119,12 @@ def run_tool(
     """Run an external program and return its result, or raise ToolError if it fails."""
     program = require_tool(arguments[0])
     result = subprocess.run(
-        [program, *arguments[1:]], capture_output=True, text=True, check=False, env=environment
+        [program, *arguments[1:]],
+        capture_output=True,
+        text=True,
+        errors="backslashreplace",
+        check=False,
+        env=environment,
     )
     if result.returncode != 0:
         raise ToolError(
@@ -214,7 +219,7 @@ def _record(path: Path, status: os.stat_result, hardlinks: tuple[bytes, ...]) ->
 
     symlink_target = None
     if file_type == stat.S_IFLNK:
-        symlink_target = os.fsencode(path.readlink())
+        symlink_target = os.readlink(os.fsencode(path))
 
     rdev = None
     if file_type in (stat.S_IFCHR, stat.S_IFBLK):
@@ -568,7 +573,13 @@ def e2fsck_clean(image: Path) -> None:
     """
     program = require_tool("e2fsck")
     arguments = ["e2fsck", "-f", "-n", str(image)]
-    result = subprocess.run([program, *arguments[1:]], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [program, *arguments[1:]],
+        capture_output=True,
+        text=True,
+        errors="backslashreplace",
+        check=False,
+    )
     if result.returncode != 0:
         raise AssertionError(
             f"{' '.join(arguments)} exited with status {result.returncode}:\n"

@@ -124,6 +124,12 @@ class TarEntry:
 
 
 def _time_ns(seconds: int, nanoseconds: int) -> int:
+    if seconds < 0 and nanoseconds:
+        # libarchive 3.6 parses a PAX time such as "-1.25" into -1 s and +0.25 s, applying
+        # the sign to the whole seconds only; the value meant is -1.25 s.
+        # NOTE: for "-0.25" the sign is lost entirely (0 s and +0.25 s), so a time within
+        # the second before the epoch reads as the same offset after it.
+        return seconds * 1_000_000_000 - nanoseconds
     return seconds * 1_000_000_000 + nanoseconds
 
 
