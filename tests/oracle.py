@@ -219,7 +219,7 @@ def _record(path: Path, status: os.stat_result, hardlinks: tuple[bytes, ...]) ->
 
     symlink_target = None
     if file_type == stat.S_IFLNK:
-        symlink_target = os.readlink(os.fsencode(path))
+        symlink_target = os.readlink(os.fsencode(path))  # noqa: PTH115 - Path.readlink normalizes the target
 
     rdev = None
     if file_type in (stat.S_IFCHR, stat.S_IFBLK):
