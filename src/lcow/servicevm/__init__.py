@@ -1,0 +1,1 @@
+"""Service VMs: isolated workers that do every conversion of untrusted layer data."""

@@ -1,0 +1,168 @@
+"""Start, share and stop service VMs: global mode and safe mode.
+
+- Global mode: one service VM, ``_lcow_global_svm_``, started on first use and kept for
+  the driver's life; operations share it.
+- Safe mode (the default): a fresh service VM named ``<id>_svm`` per operation, terminated
+  when the operation ends, also when it fails.
+
+Each service VM gets its own scratch disk, a copy of ``cache/scratch.vhdx`` in
+``scratch/<name>.vhdx``, hot-added at start and deleted when the service VM stops.
+"""
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Final
+
+from lcow import vhdx
+from lcow.clone import clone_file
+from lcow.errors import ServiceVMError
+from lcow.servicevm.base import ServiceVM
+from lcow.servicevm.process import ProcessServiceVM
+
+log = logging.getLogger(__name__)
+
+GLOBAL_NAME: Final = "_lcow_global_svm_"
+SCRATCH_SIZE_BYTES: Final = 1 << 30
+SCRATCH_DISK_ID: Final = b"lcow scratch vm\0"  # 16 bytes: the page 83 id of every scratch disk
+BACKENDS: Final = ("process",)
+
+
+class ServiceVMManager:
+    """Hand out service VMs for operations and make sure every one of them stops."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        backend: str = "process",
+        global_mode: bool = False,
+        timeout_s: float = 300.0,
+        hide: tuple[str, ...] = (),
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ServiceVMError(f"unknown service VM backend {backend!r}")
+        self.root = root
+        self.backend = backend
+        self.global_mode = global_mode
+        self.timeout_s = timeout_s
+        self.hide = hide
+        self._lock = threading.Lock()
+        self._global: ServiceVM | None = None
+        self._global_start = threading.Lock()  # one boot of the global VM at a time
+        self._running: dict[str, ServiceVM] = {}
+        self.started_count = 0
+
+    def __repr__(self) -> str:
+        mode = "global" if self.global_mode else "safe"
+        return f"ServiceVMManager({self.backend}, {mode}, running={sorted(self._running)})"
+
+    @property
+    def scratch_template(self) -> Path:
+        return self.root / "cache" / "scratch.vhdx"
+
+    def ensure_scratch_template(self) -> None:
+        """Create the blank scratch disk once; later service VMs get copies of it."""
+        template = self.scratch_template
+        if not template.exists():
+            vhdx.create(template, SCRATCH_SIZE_BYTES, disk_id=SCRATCH_DISK_ID)
+
+    def _unique_name(self, name: str) -> str:
+        candidate, number = name, 1
+        while candidate in self._running:
+            number += 1
+            candidate = f"{name}-{number}"
+        return candidate
+
+    def _start(self, name: str) -> ServiceVM:
+        with self._lock:
+            name = self._unique_name(name)
+            self._running[name] = placeholder = _Starting(name, timeout_s=0)
+        scratch = self.root / "scratch" / f"{name}.vhdx"
+        service_vm: ServiceVM = ProcessServiceVM(name, timeout_s=self.timeout_s, hide=self.hide)
+        try:
+            self.ensure_scratch_template()
+            clone_file(self.scratch_template, scratch)
+            service_vm.start()
+            with scratch.open("r+b") as scratch_file:
+                service_vm.attach(scratch_file.fileno())
+        except BaseException:
+            service_vm.terminate(stop_timeout_s=0)
+            scratch.unlink(missing_ok=True)
+            with self._lock:
+                self._running.pop(name, None)
+            raise
+        service_vm.scratch_path = scratch  # type: ignore[attr-defined]
+        with self._lock:
+            assert self._running.get(name) is placeholder
+            self._running[name] = service_vm
+            self.started_count += 1
+        return service_vm
+
+    def _stop(self, service_vm: ServiceVM) -> None:
+        try:
+            service_vm.terminate()
+        finally:
+            scratch = getattr(service_vm, "scratch_path", None)
+            if scratch is not None:
+                scratch.unlink(missing_ok=True)
+            with self._lock:
+                if self._running.get(service_vm.name) is service_vm:
+                    del self._running[service_vm.name]
+
+    @contextlib.contextmanager
+    def acquire(self, operation_id: str) -> Iterator[ServiceVM]:
+        """Yield a service VM for one operation on layer ``operation_id``."""
+        if self.global_mode:
+            with self._lock:
+                current = self._global
+            if current is None or not current.running:
+                with self._lock:
+                    if self._global is not None and not self._global.running:
+                        stale = self._global
+                        self._global = None
+                    else:
+                        stale = None
+                if stale is not None:
+                    self._stop(stale)
+                with self._global_start:
+                    if self._global is None:
+                        self._global = self._start(GLOBAL_NAME)
+                    current = self._global
+            yield current
+            return
+
+        service_vm = self._start(f"{operation_id}_svm")
+        try:
+            yield service_vm
+        finally:
+            self._stop(service_vm)
+
+    def terminate_all(self) -> None:
+        """Stop every service VM this manager started; used by Cleanup."""
+        with self._lock:
+            running = [vm for vm in self._running.values() if not isinstance(vm, _Starting)]
+            self._global = None
+        for service_vm in running:
+            log.info("terminating service VM %s", service_vm.name)
+            self._stop(service_vm)
+
+    def running_names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._running)
+
+
+class _Starting(ServiceVM):
+    """Holds a name in the table while its service VM boots."""
+
+    def start(self) -> None:  # pragma: no cover - never started
+        raise ServiceVMError("placeholder")
+
+    def terminate(self, stop_timeout_s: float = 0) -> None:
+        del stop_timeout_s
+
+    @property
+    def running(self) -> bool:
+        return False

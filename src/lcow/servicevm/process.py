@@ -1,0 +1,168 @@
+"""The process backend: the worker is a child process in namespaces of its own.
+
+util-linux ``unshare`` puts the worker into new user, mount, network, pid and IPC
+namespaces (``--fork`` makes it pid 1 of its pid namespace, ``--kill-child`` ends it with
+``unshare``). Where the kernel refuses some of them, for example inside a container that
+forbids user namespaces, the backend tries fewer and logs a warning; the worker still runs,
+with its seccomp filter and resource limits. Disks reach it as descriptors over a unix
+socketpair, so it never needs a path into the store.
+"""
+
+import functools
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Final
+
+from lcow.errors import ServiceVMError
+from lcow.servicevm.base import DEFAULT_STOP_TIMEOUT_S, ServiceVM
+
+log = logging.getLogger(__name__)
+
+# Namespace sets to try, most isolated first, with the unshare options for each.
+NAMESPACE_SETS: Final[tuple[tuple[tuple[str, ...], tuple[str, ...]], ...]] = (
+    (
+        ("user", "mount", "network", "pid", "ipc"),
+        (
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "--net",
+            "--pid",
+            "--ipc",
+            "--fork",
+            "--kill-child",
+        ),
+    ),
+    (
+        ("mount", "network", "pid", "ipc"),
+        ("--mount", "--net", "--pid", "--ipc", "--fork", "--kill-child"),
+    ),
+    ((), ()),
+)
+PROBE_TIMEOUT_S: Final = 10.0
+
+
+@functools.cache
+def namespace_support() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Return the most isolated namespace set this kernel lets us create, and its options."""
+    unshare = shutil.which("unshare")
+    for names, options in NAMESPACE_SETS:
+        if not names:
+            break
+        if unshare is None:
+            log.warning(
+                "unshare (util-linux) is missing: service VM workers run without namespaces"
+            )
+            break
+        probe = subprocess.run(
+            [unshare, *options, "true"],
+            capture_output=True,
+            text=True,
+            timeout=PROBE_TIMEOUT_S,
+            check=False,
+        )
+        if probe.returncode == 0:
+            if names != NAMESPACE_SETS[0][0]:
+                log.warning(
+                    "the kernel refused some namespaces; service VM workers use only %s",
+                    ", ".join(names),
+                )
+            return names, (unshare, *options)
+        log.info("unshare %s failed: %s", " ".join(options), probe.stderr.strip())
+    log.warning("the kernel refused new namespaces: service VM workers share the host's")
+    return (), ()
+
+
+class ProcessServiceVM(ServiceVM):
+    """A worker process; ``hide`` lists host paths its mount namespace covers up."""
+
+    def __init__(self, name: str, *, timeout_s: float, hide: Sequence[str] = ()) -> None:
+        super().__init__(name, timeout_s=timeout_s)
+        self.hide = list(hide)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.isolation: list[str] = []
+        self.worker_pid = 0
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        pid = self.process.pid if self.process else None
+        return f"ProcessServiceVM(name={self.name!r}, pid={pid}, {state})"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> None:
+        names, prefix = namespace_support()
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        command = [
+            *prefix,
+            sys.executable,
+            "-m",
+            "lcow.servicevm.worker",
+            "--channel-fd",
+            str(child.fileno()),
+            "--name",
+            self.name,
+            "--namespaces",
+            ",".join(names),
+        ]
+        for path in self.hide:
+            command += ["--hide", path]
+        try:
+            self.process = subprocess.Popen(
+                command, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, close_fds=True
+            )
+        except OSError as err:
+            parent.close()
+            child.close()
+            raise ServiceVMError(f"failed to start service VM {self.name}: {err}") from err
+        child.close()
+        self.channel = parent
+        self._start_reader()
+        log.info("started service VM %s (pid %d)", self.name, self.process.pid)
+        try:
+            hello = self.request("hello", timeout_s=min(self.timeout_s, 60.0))
+        except ServiceVMError:
+            self.terminate(stop_timeout_s=0)
+            raise
+        self.isolation = list(hello.get("isolation", []))
+        self.worker_pid = int(hello.get("pid", 0))
+
+    def terminate(self, stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> None:
+        process = self.process
+        if process is None:
+            return
+        if process.poll() is None and stop_timeout_s > 0:
+            try:
+                self.request("shutdown", timeout_s=stop_timeout_s)
+            except ServiceVMError as err:
+                log.info("service VM %s did not stop on request: %s", self.name, err)
+        try:
+            process.wait(timeout=stop_timeout_s if stop_timeout_s > 0 else 0.001)
+        except subprocess.TimeoutExpired:
+            log.warning("killing service VM %s (pid %d): it did not stop", self.name, process.pid)
+            process.kill()
+            process.wait()
+        if self.channel is not None:
+            self.channel.close()
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        log.info("stopped service VM %s (exit status %s)", self.name, process.returncode)
+        self.process = None
+        self.channel = None
+
+    def pid(self) -> int:
+        """The pid of the backend's own child process (``unshare`` when namespaces are used)."""
+        return self.process.pid if self.process else 0
+
+
+def pipe() -> tuple[int, int]:
+    """Return a (read, write) pipe whose ends are not inherited by other children."""
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    return read_end, write_end
