@@ -14,9 +14,13 @@ import click
 from tqdm import tqdm
 
 from lcow import __version__
+from lcow.disk import open_disk
 from lcow.errors import LcowError
+from lcow.ext4.format import EXT4_ROOT_INO
+from lcow.ext4.reader import Ext4Reader
 from lcow.ext4.writer import DEFAULT_MAX_SIZE_BYTES
-from lcow.layer.tar2ext4 import convert_tar
+from lcow.layer.export import export_tar
+from lcow.layer.tar2ext4 import atomic_output, convert_tar
 from lcow.layer.tarstream import READ_CHUNK_BYTES
 
 log = logging.getLogger(__name__)
@@ -121,3 +125,42 @@ def tar2vhd(source: str, output: str, raw: bool, max_size: str, progress: bool |
         stats.tar_bytes,
         stats.compression,
     )
+
+
+SANDBOX_DIRECTORIES = frozenset({b"upper", b"work", b"lost+found"})
+
+
+def _is_sandbox(reader: Ext4Reader) -> bool:
+    """Tell whether the filesystem's root is a sandbox's: ``upper/`` and ``work/`` only."""
+    names = {name for name, _, _ in reader.iterdir(EXT4_ROOT_INO)}
+    return b"upper" in names and b"work" in names and names <= SANDBOX_DIRECTORIES
+
+
+@main.command("vhd2tar")
+@click.argument("image", type=click.Path(exists=True, dir_okay=False))
+@click.argument("output", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option(
+    "--sandbox/--layer",
+    default=None,
+    help="Export the sandbox's upper/ directory, or the whole filesystem of a layer "
+    "(default: a sandbox when the root holds only upper/ and work/).",
+)
+def vhd2tar(image: str, output: str, sandbox: bool | None) -> None:
+    """Export the layer image or sandbox IMAGE (raw, VHD or VHDX) as a tar layer.
+
+    Whiteouts become .wh. entries and opaque directories get a .wh..wh..opq entry, as
+    Docker's Diff returns them. OUTPUT may be - for stdout; a file appears only when the
+    export succeeds.
+    """
+    try:
+        with open_disk(image) as disk:
+            reader = Ext4Reader(disk.device, disk.size_bytes)
+            as_sandbox = _is_sandbox(reader) if sandbox is None else sandbox
+            subdirectory = b"upper" if as_sandbox else None
+            if output == "-":
+                export_tar(reader, sys.stdout.buffer, subdirectory=subdirectory)
+                return
+            with atomic_output(Path(output)) as stream:
+                export_tar(reader, stream, subdirectory=subdirectory)
+    except (LcowError, OSError) as err:
+        raise click.ClickException(f"failed to export {image}: {err}") from err

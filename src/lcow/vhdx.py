@@ -64,7 +64,7 @@ KIB: Final = 1024
 MIB: Final = 1024 * KIB
 TIB: Final = 1024**4
 
-# --- Layout of the header section (section "Header Section") -------------------------------
+# --- Layout of the header section, the first 1 MiB of the file -----------------------------
 
 HEADER_SECTION_SIZE_BYTES: Final = 1 * MIB
 FILE_IDENTIFIER_OFFSET: Final = 0
@@ -113,15 +113,20 @@ CREATOR: Final = "lcow"
 
 MIN_BLOCK_SIZE_BYTES: Final = 1 * MIB
 MAX_BLOCK_SIZE_BYTES: Final = 256 * MIB
-# Hyper-V's default for dynamic disks. QEMU 7.2 chooses 8 to 64 MiB depending on disk size.
+# Hyper-V's default for dynamic disks. qemu-img 7.2 picks 8 MiB for disks up to 1 GiB, 16 MiB
+# for 2 to 100 GiB, 32 MiB for 2 TiB and 64 MiB for 40 TiB (measured with `qemu-img create`).
 DEFAULT_BLOCK_SIZE_BYTES: Final = 32 * MIB
 SECTOR_SIZES_BYTES: Final = (512, 4096)
+# qemu-img 7.2 rejects VHDX files with 4096-byte logical sectors ("Operation not supported"),
+# so 512 keeps lcow's disks readable by QEMU.
 DEFAULT_LOGICAL_SECTOR_SIZE_BYTES: Final = 512
+# The physical sector size only tells the guest how to align writes. 4096 matches the page
+# size and the ext4 block size of Linux guests.
 DEFAULT_PHYSICAL_SECTOR_SIZE_BYTES: Final = 4096
 MAX_VIRTUAL_DISK_SIZE_BYTES: Final = 64 * TIB
 MAX_METADATA_ITEM_SIZE_BYTES: Final = 1 * MIB
 
-# A sector bitmap block is 1 MiB and holds one bit per logical sector, so it covers 2**23
+# A sector bitmap block is 1 MiB and contains one bit per logical sector, so it covers 2**23
 # sectors: one chunk. chunk ratio = (2**23 * logical sector size) / block size.
 SECTORS_PER_SECTOR_BITMAP_BLOCK: Final = 2**23
 
@@ -184,7 +189,7 @@ def _check_struct_sizes() -> None:
 
 _check_struct_sizes()
 
-# The BAT is written back in pages of this size; each page holds 512 entries.
+# flush() writes changed BAT entries back in pages of this size. Each page contains 512 entries.
 BAT_PAGE_SIZE_BYTES: Final = 4 * KIB
 BAT_ENTRIES_PER_PAGE: Final = BAT_PAGE_SIZE_BYTES // BAT_ENTRY_STRUCT.size
 
@@ -192,7 +197,11 @@ BAT_ENTRIES_PER_PAGE: Final = BAT_PAGE_SIZE_BYTES // BAT_ENTRY_STRUCT.size
 # their memory use.
 COPY_CHUNK_BYTES: Final = 4 * MIB
 
-# --- GUIDs ("Region Table Entry", "Known Metadata Items") -----------------------------------
+# vhdx_to_raw leaves all-zero pieces of this size as holes in the raw file. It is the block
+# size of ext4 and XFS with default options, so each skipped piece is one block not allocated.
+SPARSE_GRANULARITY_BYTES: Final = 4 * KIB
+
+# --- GUIDs of the regions ("Region Table Entry") and of the system metadata items -----------
 
 BAT_REGION_GUID: Final = uuid.UUID("2DC27766-F623-4200-9D64-115E9BFD4A08")
 METADATA_REGION_GUID: Final = uuid.UUID("8B7CA206-4790-4B9A-B8FE-575F050F886E")
@@ -320,7 +329,7 @@ class DiskParameters:
 
     @property
     def payload_block_count(self) -> int:
-        """Number of payload blocks that cover the virtual disk; the last may be partial."""
+        """Number of payload blocks that cover the virtual disk. The last one may be partial."""
         return -(-self.virtual_size // self.block_size)
 
     @property
@@ -471,7 +480,8 @@ def _pack_region_table(entries: list[RegionTableEntry]) -> bytes:
 
 
 def _pack_metadata_region(parameters: DiskParameters) -> bytes:
-    """Build the metadata table and its items; items start at 64 KiB, the spec's minimum."""
+    """Build the metadata table followed by its items, which start at 64 KiB, the spec's
+    minimum item offset."""
     items = {
         FILE_PARAMETERS_GUID: FILE_PARAMETERS_STRUCT.pack(
             parameters.block_size, parameters.file_parameters_flags
@@ -556,7 +566,7 @@ def _write_new_vhdx(path: Path, parameters: DiskParameters) -> None:
         ),
     ]
 
-    # LogGuid zero says that the log holds nothing to replay ("Headers").
+    # LogGuid zero means that the log contains nothing to replay ("Headers").
     first_header = Header(
         sequence_number=0,
         file_write_guid=_derive_guid(parameters.disk_id, "FileWriteGuid"),
@@ -594,6 +604,7 @@ def _temporary_sibling(path: Path, action: str) -> Iterator[Path]:
 
     os.link publishes the finished file atomically and fails if path exists, so a crash
     never leaves a partial file under the final name and an existing file is never replaced.
+    A crash can leave the temporary file, named ".NAME.*.tmp", behind.
     """
     if path.exists():
         raise AlreadyExistsError(f"{action} {path}: the file exists; remove it first")
@@ -635,7 +646,7 @@ def create(
 ) -> None:
     """Create an empty dynamic VHDX of virtual_size_bytes at path.
 
-    The file holds no payload block, so it allocates about 200 KiB whatever the virtual size.
+    The file contains no payload block, so it allocates about 200 KiB whatever the virtual size.
     disk_id is the Page 83 Data item that guests see as the disk's identity: 16 bytes, stored
     as given. FileWriteGuid and DataWriteGuid are version 5 UUIDs derived from it, so the same
     arguments always give the same bytes. Without disk_id, lcow draws a random one.
@@ -764,7 +775,7 @@ def _check_header(header: Header, slot: int, path: str) -> None:
         )
     if header.log_guid != ZERO_GUID:
         raise UnsupportedError(
-            f"header at offset {offset} has LogGuid {header.log_guid}, so the log holds "
+            f"header at offset {offset} has LogGuid {header.log_guid}, so the log contains "
             f"updates that must be replayed before the file can be read, and lcow does not "
             f"replay logs; open the file once read-write with Hyper-V, or run "
             f"`qemu-img check -r all -f vhdx {path}`, which replays the log"
@@ -861,7 +872,7 @@ def _check_regions(entries: dict[uuid.UUID, RegionTableEntry]) -> None:
 
 
 def _read_metadata_items(fd: int, region: RegionTableEntry) -> dict[uuid.UUID, bytes]:
-    """Read the metadata table and return the system items that lcow knows, by GUID."""
+    """Read the metadata table and return the system items that lcow recognizes, by GUID."""
     table_offset = region.file_offset
     table = _read_exact(fd, METADATA_TABLE_SIZE_BYTES, table_offset, "metadata table")
     signature, _reserved, entry_count = METADATA_TABLE_HEADER_STRUCT.unpack_from(table)
@@ -886,8 +897,8 @@ def _read_metadata_items(fd: int, region: RegionTableEntry) -> dict[uuid.UUID, b
         flags = MetadataEntryFlags(raw_flags & 0b111)
         name = _ITEM_NAMES.get(guid, str(guid))
 
-        # User items belong to whoever wrote them, and nothing in them changes how the disk
-        # reads.
+        # User items carry data for the program that wrote them. They never change how the
+        # virtual disk reads.
         if flags & MetadataEntryFlags.IS_USER:
             continue
         if guid not in _REQUIRED_ITEM_SIZES:
@@ -984,11 +995,11 @@ class VhdxFile:
     """An open VHDX file: read and write its virtual disk by byte offset.
 
     Open it read-only (the default) or with writable=True, and close it, best with ``with``.
-    A writable file takes an exclusive flock and a read-only one a shared flock, so lcow
-    processes never read a disk that another one writes. QEMU uses other locks and does not
+    A writable file takes an exclusive flock and a read-only one a shared flock, so no
+    VhdxFile reads a disk that another VhdxFile writes. QEMU uses other locks and does not
     see these.
 
-    Reads of blocks that hold no data return zeros. Writes allocate payload blocks at the end
+    Reads of blocks without data return zeros. Writes allocate payload blocks at the end
     of the file. New BAT entries reach the file in flush() and close(), after the data they
     point to, so other readers see writes only after one of those returns. An instance is
     not thread-safe.
@@ -1027,8 +1038,8 @@ class VhdxFile:
         except BlockingIOError as error:
             holder = "has it open" if self._writable else "has it open for writing"
             raise FailedPreconditionError(
-                f"failed to open VHDX {self._path}: another lcow process {holder}; close it "
-                f"there first"
+                f"failed to open VHDX {self._path}: another VhdxFile, in this or another "
+                f"process, {holder}; close that one first"
             ) from error
 
     def _load(self, fd: int) -> None:
@@ -1116,7 +1127,7 @@ class VhdxFile:
 
     def allocated_ranges(self) -> Iterator[tuple[int, int]]:
         """Yield (offset, length) of the parts of the virtual disk that present payload blocks
-        hold, in order, with adjacent blocks merged. Everything else reads as zeros."""
+        contain, in order, with adjacent blocks merged. Everything else reads as zeros."""
         self._require_open("list the allocated ranges of")
         block_size = self.block_size
         run_start: int | None = None
@@ -1176,6 +1187,9 @@ class VhdxFile:
         self._unsynced_writes = False
         if not self._dirty_bat_pages:
             return
+        # NOTE: the spec sends BAT updates through the log, so that a torn write cannot damage
+        # the other entries of a sector. lcow writes BAT pages in place and relies on the
+        # storage writing each sector whole.
         for page in sorted(self._dirty_bat_pages):
             first_entry = page * BAT_ENTRIES_PER_PAGE
             entries = self._bat[first_entry : first_entry + BAT_ENTRIES_PER_PAGE]
@@ -1227,7 +1241,7 @@ class VhdxFile:
             offset += piece_length
 
     def _present_block_offset(self, block_index: int, action: str) -> int | None:
-        """Return the file offset of a payload block, or None if the block holds no data.
+        """Return the file offset of a payload block, or None if the file contains no data for it.
 
         Raises CorruptInputError for a reserved state, PAYLOAD_BLOCK_PARTIALLY_PRESENT
         (valid only in differencing disks) or a block that lies outside the file.
@@ -1340,8 +1354,8 @@ def _open_created(path: Path) -> VhdxFile:
     """Open a file that this process just created, for writing.
 
     The GUIDs that create() wrote are new to this file, so they already meet the rule that a
-    session's first change must come with a new FileWriteGuid, and the headers keep the
-    derived GUIDs that make the output depend only on the arguments.
+    session's first change must come with a new FileWriteGuid. Keeping them keeps the output
+    a function of the arguments.
     """
     vhdx = VhdxFile(path, writable=True)
     vhdx._headers_updated = True
@@ -1437,8 +1451,8 @@ def _copy_raw_data(raw_fd: int, raw_name: str, size: int, vhdx: VhdxFile) -> int
                 chunk = _read_exact(raw_fd, chunk_length, offset, "data")
             except CorruptInputError as error:
                 raise CorruptInputError(
-                    f"failed to convert raw image {raw_name}: {error}; the file shrank during "
-                    f"the conversion"
+                    f"failed to convert raw image {raw_name}: {error}, so the file got shorter "
+                    f"during the conversion; leave it unchanged until the conversion ends"
                 ) from error
             vhdx.write(offset, chunk)
             copied += chunk_length
@@ -1449,8 +1463,8 @@ def vhdx_to_raw(vhdx_path: str | os.PathLike[str], raw_path: str | os.PathLike[s
     """Convert a VHDX to a new sparse raw image and return the bytes of data read.
 
     The raw file gets the virtual size by ftruncate, and only present payload blocks are
-    read. All-zero chunks within them stay holes, so the raw file allocates about as much
-    space as the VHDX holds data.
+    read. All-zero 4 KiB pieces within them stay holes, so the raw file allocates about as much
+    space as the data in the VHDX needs.
 
     Raises NotFoundError if vhdx_path does not exist, AlreadyExistsError if raw_path does,
     and the errors of VhdxFile for a VHDX that lcow cannot read.
@@ -1475,8 +1489,22 @@ def _copy_vhdx_data(vhdx: VhdxFile, raw_fd: int) -> int:
     for start, length in vhdx.allocated_ranges():
         for offset in range(start, start + length, COPY_CHUNK_BYTES):
             chunk_length = min(COPY_CHUNK_BYTES, start + length - offset)
-            chunk = vhdx.read(offset, chunk_length)
+            chunk = memoryview(vhdx.read(offset, chunk_length))
+            _write_nonzero_runs(raw_fd, chunk, offset)
             copied += chunk_length
-            if not _is_zero(memoryview(chunk)):
-                _write_all(raw_fd, chunk, offset)
     return copied
+
+
+def _write_nonzero_runs(fd: int, data: memoryview, offset: int) -> None:
+    """Write the parts of data that are not all zero, in pieces of SPARSE_GRANULARITY_BYTES,
+    and leave the all-zero pieces as holes."""
+    run_start: int | None = None
+    for start in range(0, len(data), SPARSE_GRANULARITY_BYTES):
+        piece_is_zero = _is_zero(data[start : start + SPARSE_GRANULARITY_BYTES])
+        if not piece_is_zero and run_start is None:
+            run_start = start
+        elif piece_is_zero and run_start is not None:
+            _write_all(fd, data[run_start:start], offset + run_start)
+            run_start = None
+    if run_start is not None:
+        _write_all(fd, data[run_start:], offset + run_start)

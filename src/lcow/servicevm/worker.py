@@ -305,7 +305,7 @@ def _copy_sparse(source: Path, destination_fd: int) -> None:
 
 def _private_tmp() -> bool:
     """Mount an empty tmpfs on /tmp, so temporary files never reach the host's /tmp."""
-    result = _libc().mount(b"tmpfs", b"/tmp", b"tmpfs", 0, b"mode=1777")
+    result: int = _libc().mount(b"tmpfs", b"/tmp", b"tmpfs", 0, b"mode=1777")
     if result != 0:
         log.warning("worker shares the host's /tmp: %s", os.strerror(_errno()))
     return result == 0
