@@ -1,0 +1,118 @@
+"""Driver options, given as Docker's ``--storage-opt`` values (``lcow.globalmode=true``)."""
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from lcow.errors import InvalidArgumentError
+
+BACKENDS: Final = ("process",)
+SANDBOX_FORMATS: Final = ("vhdx", "raw")
+SIZE_UNITS: Final = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+
+OPTION_HELP: Final = {
+    "lcow.globalmode": "true or false (default false): one service VM for the driver's life",
+    "lcow.sandboxsize": "sandbox size in GB (default 20)",
+    "lcow.sandboxformat": "vhdx or raw (default vhdx)",
+    "lcow.backend": "service VM backend: process (default)",
+    "lcow.timeout": "service VM operation timeout in seconds (default 300)",
+}
+
+
+def parse_size(value: str) -> int:
+    """Parse ``10G``, ``512M``, ``1.5T`` or plain bytes, with binary units as Docker does."""
+    text = value.strip().upper().removesuffix("B").removesuffix("I")
+    unit = text[-1] if text and text[-1] in SIZE_UNITS else ""
+    number = text[: len(text) - len(unit)]
+    try:
+        size = int(float(number) * SIZE_UNITS[unit])
+    except ValueError as err:
+        raise InvalidArgumentError(
+            f"invalid size {value!r}: use a number of bytes or a K, M, G or T suffix"
+        ) from err
+    if size <= 0:
+        raise InvalidArgumentError(f"invalid size {value!r}: it must be positive")
+    return size
+
+
+def _parse_bool(name: str, value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise InvalidArgumentError(f"invalid value {value!r} for {name}: use true or false")
+
+
+@dataclass(frozen=True, slots=True)
+class DriverOptions:
+    """The driver's settings after parsing."""
+
+    global_mode: bool = False
+    sandbox_size_bytes: int = 20 << 30
+    sandbox_format: str = "vhdx"
+    backend: str = "process"
+    timeout_s: float = 300.0
+
+    @classmethod
+    def parse(cls, options: Iterable[str] | Mapping[str, str] | None) -> "DriverOptions":
+        """Parse ``key=value`` strings or a mapping; unknown ``lcow.*`` keys are errors."""
+        pairs: list[tuple[str, str]] = []
+        if isinstance(options, Mapping):
+            pairs = list(options.items())
+        elif options is not None:
+            for option in options:
+                key, separator, value = option.partition("=")
+                if not separator:
+                    raise InvalidArgumentError(f"invalid storage option {option!r}: use key=value")
+                pairs.append((key, value))
+
+        values: dict[str, object] = {}
+        for raw_key, value in pairs:
+            key = raw_key.strip().lower()
+            if not key.startswith("lcow."):
+                continue  # options of other drivers, as dockerd passes them all through
+            if key == "lcow.globalmode":
+                values["global_mode"] = _parse_bool(key, value)
+            elif key == "lcow.sandboxsize":
+                values["sandbox_size_bytes"] = _parse_gigabytes(key, value)
+            elif key == "lcow.sandboxformat":
+                if value not in SANDBOX_FORMATS:
+                    raise InvalidArgumentError(
+                        f"invalid value {value!r} for {key}: use {' or '.join(SANDBOX_FORMATS)}"
+                    )
+                values["sandbox_format"] = value
+            elif key == "lcow.backend":
+                if value not in BACKENDS:
+                    raise InvalidArgumentError(
+                        f"invalid value {value!r} for {key}: use {', '.join(BACKENDS)}"
+                    )
+                values["backend"] = value
+            elif key == "lcow.timeout":
+                values["timeout_s"] = _parse_seconds(key, value)
+            else:
+                valid = "; ".join(f"{name}: {text}" for name, text in OPTION_HELP.items())
+                raise InvalidArgumentError(f"unknown option {raw_key!r}; valid options are {valid}")
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def _parse_gigabytes(name: str, value: str) -> int:
+    try:
+        gigabytes = float(value)
+    except ValueError as err:
+        raise InvalidArgumentError(
+            f"invalid value {value!r} for {name}: give GB as a number"
+        ) from err
+    if not 1 <= gigabytes <= 16 * 1024:
+        raise InvalidArgumentError(f"invalid value {value!r} for {name}: use 1 to 16384 GB")
+    return int(gigabytes * (1 << 30))
+
+
+def _parse_seconds(name: str, value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError as err:
+        raise InvalidArgumentError(f"invalid value {value!r} for {name}: give seconds") from err
+    if seconds <= 0:
+        raise InvalidArgumentError(f"invalid value {value!r} for {name}: it must be positive")
+    return seconds
