@@ -7,6 +7,7 @@ import logging
 import os
 import stat
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -15,6 +16,7 @@ from tqdm import tqdm
 
 from lcow import __version__
 from lcow.disk import open_disk
+from lcow.driver import Driver
 from lcow.errors import LcowError
 from lcow.ext4.format import EXT4_ROOT_INO
 from lcow.ext4.reader import Ext4Reader
@@ -55,13 +57,61 @@ def _parse_size(value: str) -> int:
         ) from err
 
 
+@dataclass
+class CliContext:
+    """What the options of ``lcow`` itself set, shared by every subcommand (``ctx.obj``)."""
+
+    root: Path | None
+    storage_opts: tuple[str, ...]
+    json_output: bool
+    _driver: Driver | None = None
+
+    def driver(self) -> Driver:
+        """Open the store once per command (Init), with the root and storage options."""
+        if self._driver is None:
+            try:
+                self._driver = Driver(self.root, list(self.storage_opts))
+            except (LcowError, OSError) as err:
+                raise click.ClickException(f"failed to open the lcow store: {err}") from err
+        return self._driver
+
+
 @click.group()
 @click.version_option(__version__, prog_name="lcow")
 @click.option("-v", "--verbose", count=True, help="Log more; repeat for debug output.")
-def main(verbose: int) -> None:
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="LCOW_ROOT",
+    help="Data root of the store (default /var/lib/lcow as root, else $XDG_DATA_HOME/lcow).",
+)
+@click.option(
+    "--storage-opt",
+    "storage_opts",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Driver option, as dockerd's --storage-opt (lcow.globalmode=true); repeatable.",
+)
+@click.option("--json", "json_output", is_flag=True, help="Print results as JSON.")
+@click.pass_context
+def main(
+    ctx: click.Context,
+    verbose: int,
+    root: Path | None,
+    storage_opts: tuple[str, ...],
+    json_output: bool,
+) -> None:
     """Layer store for Linux containers in lightweight VMs."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="lcow: %(levelname)s: %(message)s")
+    ctx.obj = CliContext(root, storage_opts, json_output)
+    ctx.call_on_close(lambda: _close_driver(ctx.obj))
+
+
+def _close_driver(context: CliContext) -> None:
+    # Each command is one process: stop its service VMs, keep the layers.
+    if context._driver is not None:
+        context._driver.service_vms.terminate_all()
 
 
 @main.command("tar2vhd")
@@ -164,3 +214,11 @@ def vhd2tar(image: str, output: str, sandbox: bool | None) -> None:
                 export_tar(reader, stream, subdirectory=subdirectory)
     except (LcowError, OSError) as err:
         raise click.ClickException(f"failed to export {image}: {err}") from err
+
+
+def _register_subcommands() -> None:
+    # The driver commands live in their own module, which imports this one for `main`.
+    import lcow.cli_driver  # noqa: F401, PLC0415 - registers the commands on `main`
+
+
+_register_subcommands()

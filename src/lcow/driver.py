@@ -497,10 +497,12 @@ class Driver:
                 except ServiceVMError as err:
                     can_retry = consumed[0] == 0 or start is not None
                     if attempt == 2 or not can_retry:
-                        raise
+                        raise _with_context(err, f"apply diff to layer {layer_id}") from err
                     log.warning("retrying ApplyDiff of layer %s: %s", layer_id, err)
                     if start is not None:
                         diff.seek(start)
+                except LcowError as err:
+                    raise _with_context(err, f"apply diff to layer {layer_id}") from err
             raise AssertionError("unreachable")
         finally:
             os.close(lock)
@@ -632,6 +634,11 @@ class Driver:
     def diff_size(self, layer_id: str, parent: str | None = None) -> int:
         """Return the summed size of the added and modified non-directories."""
         return int(self._changes_request(layer_id, parent)["size"])
+
+
+def _with_context(error: LcowError, action: str) -> LcowError:
+    """Return ``error``'s class with "failed to <action>: " before its message."""
+    return type(error)(f"failed to {action}: {error}")
 
 
 def _detach_quietly(service_vm: ServiceVM, slot: int) -> None:

@@ -111,6 +111,8 @@ class ProcessServiceVM(ServiceVM):
             self.name,
             "--namespaces",
             ",".join(names),
+            "--log-level",
+            logging.getLevelName(logging.getLogger("lcow").getEffectiveLevel()),
         ]
         for path in self.hide:
             command += ["--hide", path]

@@ -361,9 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="worker")
     parser.add_argument("--hide", action="append", default=[])
     parser.add_argument("--namespaces", default="")
+    parser.add_argument("--log-level", default="WARNING", help="the driver's own log level")
     arguments = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO, format=f"lcow worker {arguments.name}: %(levelname)s: %(message)s"
+        level=arguments.log_level,
+        format=f"lcow worker {arguments.name}: %(levelname)s: %(message)s",
     )
 
     isolation = [name for name in arguments.namespaces.split(",") if name]
