@@ -8,8 +8,11 @@ reference counts belong to the process that holds them.
 """
 
 import json
+import logging
 import shutil
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,6 +22,9 @@ import click
 from lcow.cli import CliContext, main
 from lcow.errors import LcowError
 from lcow.layer.tar2ext4 import atomic_output
+from lcow.plugin.server import DEFAULT_SOCKET, PluginServer, PluginState
+
+log = logging.getLogger(__name__)
 
 CHANGE_LETTERS = {0: "C", 1: "A", 2: "D"}  # as `docker diff` prints kinds
 Result = TypeVar("Result")
@@ -223,3 +229,42 @@ def list_layers(context: CliContext) -> None:
         rows.append({"ID": layer_id, "Kind": kind, "Parent": chain[0].name if chain else ""})
     lines = [f"{row['ID']}  {row['Kind']}  {row['Parent']}".rstrip() for row in rows]
     _print(context, rows, "\n".join(lines))
+
+
+@main.command("serve")
+@click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=DEFAULT_SOCKET,
+    show_default=True,
+    help="Unix socket to listen on; dockerd finds it by name in /run/docker/plugins.",
+)
+@click.pass_obj
+def serve(context: CliContext, socket_path: Path) -> None:
+    """Serve the store to dockerd as the graph-driver plugin until SIGTERM or SIGINT.
+
+    dockerd's Init chooses the data root (its Home); --storage-opt values given here
+    come before the daemon's own --storage-opt values.
+    """
+    logging.getLogger("lcow").setLevel(
+        min(logging.getLogger("lcow").getEffectiveLevel(), logging.INFO)
+    )
+    state = PluginState(list(context.storage_opts))
+    try:
+        server = PluginServer(socket_path, state)
+    except (LcowError, OSError) as err:
+        raise click.ClickException(f"failed to listen on {socket_path}: {err}") from err
+
+    def stop(signal_number: int, _frame: object) -> None:
+        log.info("stopping on signal %d", signal_number)
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("serving the lcow graph driver on %s", socket_path)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+        log.info("stopped serving on %s", socket_path)

@@ -53,6 +53,7 @@ from lcow.errors import (
     ServiceVMError,
 )
 from lcow.ext4.writer import DEFAULT_MAX_SIZE_BYTES
+from lcow.hostmount import HostMounts
 from lcow.options import DriverOptions, parse_size
 from lcow.servicevm.base import ServiceVM
 from lcow.servicevm.manager import ServiceVMManager
@@ -176,6 +177,7 @@ class Driver:
         self._refs: dict[str, tuple[int, int]] = {}  # id -> (count, fd holding a shared lock)
         self._refs_lock = threading.Lock()
         self._init_store()
+        self.host_mounts = HostMounts(self.root) if self.options.host_mount else None
         self.service_vms = ServiceVMManager(
             self.root,
             backend=self.options.backend,
@@ -396,8 +398,30 @@ class Driver:
                     raise FailedPreconditionError(
                         f"failed to get layer {layer_id}: it is being written or removed"
                     ) from err
+            if self.host_mounts is not None:
+                try:
+                    path = self._host_mount(layer_id, folder)
+                except BaseException:
+                    if count == 0:
+                        os.close(fd)
+                    raise
+                self._refs[layer_id] = (count + 1, fd)
+                return str(path)
             self._refs[layer_id] = (count + 1, fd)
         return str(folder)
+
+    def _host_mount(self, layer_id: str, folder: Path) -> Path:
+        assert self.host_mounts is not None
+        lowers: list[tuple[Path, bool]] = []
+        for parent in self.chain(layer_id):
+            disk = self._disk_of(parent)
+            if disk is not None:
+                lowers.append((disk[0], disk[1] is not None))
+        own = self._disk_of(folder)
+        sandbox = own[0] if own is not None and own[1] is not None else None
+        if own is not None and sandbox is None:
+            lowers.insert(0, (own[0], False))
+        return self.host_mounts.get(layer_id, sandbox, lowers)
 
     def put(self, layer_id: str) -> None:
         """Release one reference; at zero the layer may be removed again."""
@@ -407,6 +431,8 @@ class Driver:
             if count == 0:
                 log.debug("put of layer %s without a matching get", layer_id)
                 return
+            if self.host_mounts is not None:
+                self.host_mounts.put(layer_id)
             if count == 1:
                 del self._refs[layer_id]
                 os.close(fd)
@@ -464,6 +490,8 @@ class Driver:
         for layer_id, (count, fd) in leaked.items():
             log.warning("layer %s still had %d references at Cleanup; released", layer_id, count)
             os.close(fd)
+        if self.host_mounts is not None:
+            self.host_mounts.cleanup()
         self.service_vms.terminate_all()
         with _flock(self.root / LOCK_FILE, fcntl.LOCK_EX):
             self._remove_stale()
@@ -578,6 +606,7 @@ class Driver:
             service_vm = finish.enter_context(self.service_vms.acquire(layer_id))
             lock = finish.enter_context(_flock(folder / LOCK_FILE, fcntl.LOCK_SH))
             del lock
+            self._quiesce(finish, disk[0])
             disk_fd = os.open(disk[0], os.O_RDONLY | os.O_CLOEXEC)
             finish.callback(os.close, disk_fd)
             read_end, write_end = os.pipe2(os.O_CLOEXEC)
@@ -617,6 +646,7 @@ class Driver:
             disk = self._disk_of(folder)
             if disk is None:
                 continue
+            self._quiesce(stack, disk[0])
             fd = os.open(disk[0], os.O_RDONLY | os.O_CLOEXEC)
             try:
                 slot = service_vm.attach(fd)
@@ -625,6 +655,22 @@ class Driver:
             stack.callback(_detach_quietly, service_vm, slot)
             attached.append([slot, disk[1]])
         return attached
+
+    def _quiesce(self, stack: contextlib.ExitStack, disk: Path) -> None:
+        """Freeze a sandbox this process has mounted until ``stack`` closes.
+
+        Freezing writes out the journal, so the disk file holds a consistent filesystem
+        that a service VM can read while the host keeps it mounted.
+        """
+        if self.host_mounts is None:
+            return
+        mount_point = self.host_mounts.mounted_sandbox(disk)
+        if mount_point is None:
+            return
+        subprocess.run(["fsfreeze", "--freeze", str(mount_point)], check=True, timeout=60)
+        stack.callback(
+            subprocess.run, ["fsfreeze", "--unfreeze", str(mount_point)], check=False, timeout=60
+        )
 
     def changes(self, layer_id: str, parent: str | None = None) -> list[tuple[str, int]]:
         """List (path, kind) changes: kind 0 modify, 1 add, 2 delete."""

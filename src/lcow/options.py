@@ -16,6 +16,7 @@ OPTION_HELP: Final = {
     "lcow.sandboxformat": "vhdx or raw (default vhdx)",
     "lcow.backend": "service VM backend: process (default)",
     "lcow.timeout": "service VM operation timeout in seconds (default 300)",
+    "lcow.hostmount": "true or false (default false): Get returns a mounted root (root only)",
 }
 
 
@@ -53,6 +54,7 @@ class DriverOptions:
     sandbox_format: str = "vhdx"
     backend: str = "process"
     timeout_s: float = 300.0
+    host_mount: bool = False
 
     @classmethod
     def parse(cls, options: Iterable[str] | Mapping[str, str] | None) -> "DriverOptions":
@@ -90,9 +92,19 @@ class DriverOptions:
                 values["backend"] = value
             elif key == "lcow.timeout":
                 values["timeout_s"] = _parse_seconds(key, value)
+            elif key == "lcow.hostmount":
+                values["host_mount"] = _parse_bool(key, value)
             else:
                 valid = "; ".join(f"{name}: {text}" for name, text in OPTION_HELP.items())
                 raise InvalidArgumentError(f"unknown option {raw_key!r}; valid options are {valid}")
+        if values.get("host_mount"):
+            # The host loop-mounts sandboxes, and a loop device reads raw disks only.
+            if values.get("sandbox_format", "raw") != "raw":
+                raise InvalidArgumentError(
+                    "invalid options: lcow.hostmount=true needs lcow.sandboxformat=raw, "
+                    "because VHDX cannot be loop-mounted"
+                )
+            values["sandbox_format"] = "raw"
         return cls(**values)  # type: ignore[arg-type]
 
 

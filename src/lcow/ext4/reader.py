@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
-from lcow.errors import CorruptInputError, UnsupportedError
+from lcow.errors import CorruptInputError, LcowError, UnsupportedError
 from lcow.ext4 import format as fmt
 from lcow.ext4.checksum import crc32c_raw, filesystem_seed
 
@@ -28,6 +28,7 @@ _READ_CHUNK_BYTES: Final = 1 << 20
 _BLOCK_CACHE_ENTRIES: Final = 1024
 _INLINE_DATA_XATTR: Final = (fmt.XattrIndex.SYSTEM, b"data")
 _GROUP_DESC_64_SIZE: Final = 64
+JBD2_MAGIC: Final = 0xC03B3998  # journal superblock magic (jbd2, big-endian)
 
 # Incompatible features this reader understands; anything else is refused, because an
 # unknown incompatible feature changes how the metadata must be read.
@@ -126,6 +127,11 @@ class Ext4Reader:
         )
         self._parse_superblock()
         self._parse_group_descriptors()
+        if self._needs_recovery and not self._journal_is_empty():
+            raise UnsupportedError(
+                "the ext4 filesystem needs journal recovery (it was not unmounted cleanly); "
+                "replay the journal with 'e2fsck -fy IMAGE' and read it again"
+            )
 
     # Superblock and group descriptors --------------------------------------------------------
 
@@ -162,11 +168,7 @@ class Ext4Reader:
                     f"superblock checksum {values['s_checksum']:#010x} does not match "
                     f"{expected:#010x}"
                 )
-        if incompat & fmt.FeatureIncompat.RECOVER:
-            raise UnsupportedError(
-                "the ext4 filesystem needs journal recovery (it was not unmounted cleanly); "
-                "replay the journal with 'e2fsck -fy IMAGE' and read it again"
-            )
+        self._needs_recovery = bool(incompat & fmt.FeatureIncompat.RECOVER)
         unknown = incompat & ~_KNOWN_INCOMPAT
         if unknown:
             raise UnsupportedError(
@@ -244,6 +246,26 @@ class Ext4Reader:
             if not table > 0 and table + table_blocks <= self.blocks_count:
                 raise self._corrupt(f"group {group}'s inode table at block {table}")
             self.inode_tables.append(table)
+
+    def _journal_is_empty(self) -> bool:
+        """Tell whether the journal holds no transactions (s_start is 0), as e2fsck checks.
+
+        A mounted filesystem keeps the recovery flag set; once frozen or synced to an empty
+        journal, its blocks on disk are consistent and safe to read.
+        """
+        journal_inode = self.sb["s_journal_inum"]
+        if not journal_inode:
+            return False
+        try:
+            first = next(iter(self.read_data(journal_inode)), None)
+        except (LcowError, StopIteration):
+            return False
+        if first is None or first[0] != 0 or len(first[1]) < 0x20:
+            return False
+        header = first[1]
+        magic = int.from_bytes(header[0:4], "big")
+        start = int.from_bytes(header[0x1C:0x20], "big")
+        return magic == JBD2_MAGIC and start == 0
 
     # Blocks and inodes -----------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""The Docker graph-driver plugin server (``lcow serve``)."""
