@@ -785,7 +785,30 @@ def test_roundtrip_sparse_ext4(tmp_path: Path, ext4_size: int) -> None:
     assert compared.returncode == 0, compared.stdout + compared.stderr
     assert back.stat().st_size == ext4_size
     assert allocated_bytes(back) <= data_bytes + 1 * MIB
-    assert run_tool(["cmp", str(raw), str(back)]).returncode == 0
+    assert same_data_ranges(raw, back)
+
+
+def same_data_ranges(first: Path, second: Path) -> bool:
+    """Compare two sparse files of one size over the data ranges of either file.
+
+    Outside those ranges both read as zeros, so this equals cmp, which would read every byte
+    of the holes too and take a minute for 20 GiB. The layouts may differ: the VHDX skips
+    all-zero blocks that mke2fs wrote as data.
+    """
+    if first.stat().st_size != second.stat().st_size:
+        return False
+    ranges = sorted([*data_ranges(first), *data_ranges(second)])
+    with first.open("rb") as one, second.open("rb") as other:
+        for offset, length in ranges:
+            one.seek(offset)
+            other.seek(offset)
+            left = length
+            while left:
+                size = min(left, 4 * MIB)
+                if one.read(size) != other.read(size):
+                    return False
+                left -= size
+    return True
 
 
 def test_raw_to_vhdx_deterministic(tmp_path: Path) -> None:
