@@ -242,6 +242,10 @@ class Ext4Writer:
         self.fd = fd
         self.implicit_meta = implicit_meta
         self.opaque_xattr = opaque_xattr
+        self._unlinks = 0  # counts unlinks, which end the validity of the parent cache
+        self._last_parent_path: tuple[bytes, ...] | None = None
+        self._last_parent: Inode | None = None
+        self._last_parent_unlinks = -1
         self.allocator = BlockAllocator.for_max_size(max_size_bytes)
         self.sink = _DataSink(fd)
         self._inodes: list[Inode | None] = [None] * fmt.EXT4_GOOD_OLD_FIRST_INO
@@ -432,6 +436,7 @@ class Ext4Writer:
             else:
                 replaced_whiteout = False
             if child is None:
+                _check_name(name, entry or path)
                 child = self._new_inode(
                     fmt.S_IFDIR | self.implicit_meta.permissions, self.implicit_meta
                 )
@@ -473,9 +478,18 @@ class Ext4Writer:
     def _parent_of(self, path: Sequence[bytes]) -> tuple[Inode | None, bytes]:
         if not path:
             return None, b""
-        for name in path:
-            _check_name(name, path)
-        return self.ensure_directory(path[:-1], entry=path), path[-1]
+        _check_name(path[-1], path)
+        parent_path = tuple(path[:-1])
+        # Tar entries come grouped by folder, so the last parent is usually the next one.
+        # Any unlink may remove that folder, so the cache holds only until the next unlink.
+        if parent_path == self._last_parent_path and self._unlinks == self._last_parent_unlinks:
+            assert self._last_parent is not None
+            return self._last_parent, path[-1]
+        parent = self.ensure_directory(parent_path, entry=path)
+        self._last_parent_path = parent_path
+        self._last_parent = parent
+        self._last_parent_unlinks = self._unlinks
+        return parent, path[-1]
 
     def _require_parent(self, path: Sequence[bytes]) -> tuple[Inode, bytes]:
         parent, name = self._parent_of(path)
@@ -502,6 +516,7 @@ class Ext4Writer:
     def _unlink(self, parent: Inode, name: bytes) -> None:
         """Remove ``name`` from ``parent``; a directory goes with its whole subtree."""
         assert parent.children is not None
+        self._unlinks += 1
         inode = self.inode(parent.children.pop(name))
         if inode.is_dir:
             parent.links -= 1
