@@ -38,6 +38,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, Final
@@ -57,6 +58,7 @@ from lcow.hostmount import HostMounts
 from lcow.options import DriverOptions, parse_size
 from lcow.servicevm.base import ServiceVM
 from lcow.servicevm.manager import ServiceVMManager
+from lcow.servicevm.qemu import QemuConfig
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,8 @@ LAYER_ID: Final = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 FEED_CHUNK_BYTES: Final = 1 << 20
 DEFAULT_ROOT: Final = "/var/lib/lcow"
 FEEDER_STOP_TIMEOUT_S: Final = 30.0
+REMOVE_WAIT_S: Final = 15.0
+LOCK_POLL_S: Final = 0.05
 
 
 def default_root() -> Path:
@@ -130,6 +134,16 @@ def _try_exclusive(path: Path) -> int | None:
     return fd
 
 
+def _wait_exclusive(path: Path, timeout_s: float) -> int | None:
+    """Take an exclusive flock on ``path`` within ``timeout_s``; None when it stays held."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        fd = _try_exclusive(path)
+        if fd is not None or time.monotonic() >= deadline:
+            return fd
+        time.sleep(LOCK_POLL_S)
+
+
 @contextlib.contextmanager
 def _temporary_file(folder: Path, name: str) -> Iterator[tuple[int, Path]]:
     """Create a locked temporary file in ``folder``; removed unless renamed away.
@@ -184,6 +198,17 @@ class Driver:
             global_mode=self.options.global_mode,
             timeout_s=self.options.timeout_s,
             hide=(str(self.root),),
+            qemu=QemuConfig.from_options(
+                self.root,
+                kird_path=self.options.kird_path,
+                kernel=self.options.kernel,
+                initrd=self.options.initrd,
+                boot_parameters=self.options.boot_parameters,
+                memory_mib=self.options.vm_memory_mib,
+                accel=self.options.accel,
+            )
+            if self.options.backend == "qemu"
+            else None,
         )
         log.info(
             "initialised lcow store %s (%s backend, %s mode)",
@@ -357,7 +382,9 @@ class Driver:
         folder = self._folder(layer_id)
         if not folder.is_dir():
             return
-        lock = _try_exclusive(folder / LOCK_FILE)
+        # dockerd sends Remove right after it gives up on an ApplyDiff, while that call may
+        # still be winding down; wait a little for it before calling the layer in use.
+        lock = _wait_exclusive(folder / LOCK_FILE, REMOVE_WAIT_S)
         if lock is None:
             raise FailedPreconditionError(
                 f"failed to remove layer {layer_id}: it is in use (Get without Put, or an "

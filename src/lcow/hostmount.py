@@ -10,8 +10,10 @@ detaches each loop device at its unmount (autoclear).
 Everything lives in one run folder per data root and process,
 ``/run/lcow/<root hash>/<pid>/``: ``i/<n>`` image mounts with short names, so that the
 overlay's lowerdir option stays below the kernel's page-size limit for 128 layers and more,
-``m/<id>`` merged roots, and ``empty/``. Init and Cleanup unmount what processes that no
-longer run left there, and never touch anything outside that folder and the data root.
+``m/<id>`` merged roots, and ``empty/``, a read-only empty tmpfs that stands for a layer
+with no content and serves as the lower layer of a sandbox without parents. Init and
+Cleanup unmount what processes that no longer run left there, and never touch anything
+outside that folder and the data root.
 """
 
 import contextlib
@@ -43,6 +45,14 @@ def _run(command: list[str], *, cwd: Path | None = None) -> None:
         raise LcowError(
             f"failed to run {' '.join(command)}: exit status {result.returncode}: "
             f"{result.stderr.strip()}"
+        )
+
+
+def _check_option_length(layer_id: str, options: str) -> None:
+    if len(options) >= PAGE_SIZE_BYTES:
+        raise UnsupportedError(
+            f"failed to mount layer {layer_id}: its overlay options take {len(options)} "
+            f"bytes, the kernel's limit is {PAGE_SIZE_BYTES}"
         )
 
 
@@ -94,6 +104,7 @@ class _Root:
     images: list[Path] = field(default_factory=list)
     users: int = 0
     is_mount: bool = True
+    uses_empty: bool = False  # holds the read-only empty tmpfs
 
 
 class HostMounts:
@@ -108,6 +119,7 @@ class HostMounts:
         self._images: dict[Path, _ImageMount] = {}
         self._roots: dict[str, _Root] = {}
         self._next_short = 0
+        self._empty_users = 0
         self.remove_stale()
 
     def __repr__(self) -> str:
@@ -134,6 +146,23 @@ class HostMounts:
             except LcowError as err:
                 log.warning("could not unmount %s: %s", mount_point, err)
         shutil.rmtree(folder, ignore_errors=True)
+
+    def _prepare_folder(self) -> None:
+        for name in ("i", "m", "empty"):
+            (self.folder / name).mkdir(parents=True, exist_ok=True, mode=0o755)
+
+    def _acquire_empty(self) -> Path:
+        """Mount ``empty/`` as a read-only tmpfs for its first user: shared, unwritable."""
+        empty = self.folder / "empty"
+        if self._empty_users == 0:
+            _run(["mount", "-t", "tmpfs", "-o", "ro,size=4k,mode=0755", "lcow-empty", str(empty)])
+        self._empty_users += 1
+        return empty
+
+    def _release_empty(self) -> None:
+        self._empty_users -= 1
+        if self._empty_users == 0:
+            _unmount(self.folder / "empty")
 
     # Image mounts ---------------------------------------------------------------------
 
@@ -204,8 +233,7 @@ class HostMounts:
             if existing is not None:
                 existing.users += 1
                 return existing.path
-            for name in ("i", "m", "empty"):
-                (self.folder / name).mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._prepare_folder()
             held: list[Path] = []
             try:
                 root = self._mount_root(layer_id, sandbox, lowers, held)
@@ -226,10 +254,18 @@ class HostMounts:
             relative = mount_point.relative_to(self.folder / "i")
             lower_names.append(f"{relative}/upper" if is_sandbox else str(relative))
 
-        if sandbox is None and len(lower_names) <= 1:
-            # Nothing to stack: the one image's mount, or an empty root, is the layer.
-            path = self._images[held[0]].path if held else self.folder / "empty"
-            return _Root(path, held, 1, is_mount=False)
+        if sandbox is None and not lowers:
+            return _Root(self._acquire_empty(), held, 1, is_mount=False, uses_empty=True)
+        if sandbox is None and len(lowers) == 1 and not lowers[0][1]:
+            # One layer image and nothing to stack: its read-only mount is the layer.
+            return _Root(self._images[held[0]].path, held, 1, is_mount=False)
+        uses_empty = False
+        if sandbox is None and len(lower_names) == 1:
+            # A sandbox's upper/ alone: a read-only overlay keeps writes off the parent's
+            # disk. overlayfs without an upper layer needs two lower layers.
+            self._acquire_empty()
+            uses_empty = True
+            lower_names.append("../empty")
 
         merged = self.folder / "m" / layer_id
         merged.mkdir(exist_ok=True)
@@ -237,6 +273,8 @@ class HostMounts:
             upper_mount = self._mount_image(sandbox, writable=True)
             held.append(sandbox)
             if not lower_names:
+                self._acquire_empty()
+                uses_empty = True
                 lower_names.append("../empty")
             options = (
                 f"lowerdir={':'.join(lower_names)},"
@@ -244,17 +282,18 @@ class HostMounts:
             )
         else:
             options = f"lowerdir={':'.join(lower_names)}"
-        if len(options) >= PAGE_SIZE_BYTES:
-            raise UnsupportedError(
-                f"failed to mount layer {layer_id}: its overlay options take {len(options)} "
-                f"bytes, the kernel's limit is {PAGE_SIZE_BYTES}"
-            )
         # Relative lower paths from the image folder keep the option short, as overlay2 does.
-        _run(
-            ["mount", "-t", "overlay", "overlay", "-o", options, str(merged)],
-            cwd=self.folder / "i",
-        )
-        return _Root(merged, held, 1)
+        try:
+            _check_option_length(layer_id, options)
+            _run(
+                ["mount", "-t", "overlay", "overlay", "-o", options, str(merged)],
+                cwd=self.folder / "i",
+            )
+        except BaseException:
+            if uses_empty:
+                self._release_empty()
+            raise
+        return _Root(merged, held, 1, uses_empty=uses_empty)
 
     def put(self, layer_id: str) -> None:
         """Release one reference; the last one unmounts the root and its images."""
@@ -269,6 +308,8 @@ class HostMounts:
             if root.is_mount:
                 _unmount(root.path)
                 root.path.rmdir()
+            if root.uses_empty:
+                self._release_empty()
             for image in reversed(root.images):
                 self._release_image(image)
 

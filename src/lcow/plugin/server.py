@@ -189,7 +189,11 @@ class PluginHandler(http.server.BaseHTTPRequestHandler):
             route(self, query)
         except (LcowError, OSError, ValueError) as err:
             log.warning("%s failed: %s", url.path, err)
-            self._send_error(err)
+            try:
+                self._send_error(err)
+            except (BrokenPipeError, ConnectionResetError):
+                log.info("%s: dockerd closed the connection before the error reply", url.path)
+                self.close_connection = True
 
     # Routes ---------------------------------------------------------------------------
 
@@ -283,9 +287,11 @@ class PluginHandler(http.server.BaseHTTPRequestHandler):
         try:
             size = driver.apply_diff(layer_id, parent, body)
         finally:
-            # Read what is left so the connection stays in step for the next request.
-            while body.read(COPY_CHUNK_BYTES):
-                pass
+            # Read what is left so the connection stays in step for the next request; a
+            # broken body must not hide the error ApplyDiff raised.
+            with contextlib.suppress(OSError, ValueError):
+                while body.read(COPY_CHUNK_BYTES):
+                    pass
         self._send_json(200, {"Size": size})
 
     def diff(self, _query: dict[str, str]) -> None:
