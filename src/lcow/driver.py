@@ -58,7 +58,7 @@ from lcow.hostmount import HostMounts
 from lcow.options import DriverOptions, parse_size
 from lcow.servicevm.base import ServiceVM
 from lcow.servicevm.manager import ServiceVMManager
-from lcow.servicevm.qemu import QemuConfig
+from lcow.servicevm.qemu_config import QemuConfig
 
 log = logging.getLogger(__name__)
 
@@ -751,7 +751,9 @@ class _Feeder(threading.Thread):
                         view = view[pipe.write(view) or 0 :]
         except BrokenPipeError:
             pass  # the worker stopped reading; its reply says why
-        except (OSError, ValueError) as err:
+        except Exception as err:  # noqa: BLE001 - any failure of the caller's stream
+            # The worker would see a clean end of the stream; keep the error so ApplyDiff
+            # fails instead of storing the part that arrived.
             self.error = err
 
     def stop(self) -> None:
