@@ -18,11 +18,12 @@ venv=${LCOW_VENV:-/opt/lcow}
 bin=${LCOW_BIN:-/usr/local/bin}
 
 # e2fsprogs: mke2fs for sandboxes and e2fsck to check images. libarchive13: the tar reader.
-# qemu-utils: qemu-img, to inspect and convert VHD and VHDX disks.
+# qemu-utils: qemu-img, to inspect and convert VHD and VHDX disks. libseccomp2: the
+# service VM workers' seccomp filter. util-linux: unshare, losetup and fsfreeze.
 export DEBIAN_FRONTEND=noninteractive
 apt-get -o DPkg::Lock::Timeout=600 -q update
 apt-get -o DPkg::Lock::Timeout=600 -q install -y --no-install-recommends \
-  e2fsprogs libarchive13 qemu-utils python3-venv
+  e2fsprogs libarchive13 libseccomp2 util-linux qemu-utils python3-venv
 
 python3 -m venv "$venv"
 "$venv/bin/pip" install --quiet --disable-pip-version-check "$repo"

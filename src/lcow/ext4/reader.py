@@ -28,6 +28,10 @@ _READ_CHUNK_BYTES: Final = 1 << 20
 _BLOCK_CACHE_ENTRIES: Final = 1024
 _INLINE_DATA_XATTR: Final = (fmt.XattrIndex.SYSTEM, b"data")
 _GROUP_DESC_64_SIZE: Final = 64
+DX_DOT_ENTRY_BYTES: Final = 12  # the "." entry that starts an htree root block
+DX_ROOT_INFO_OFFSET: Final = 24  # dx_root_info follows the "." and ".." entries
+DX_ENTRY_BYTES: Final = 8  # struct dx_entry: hash and block
+DX_TAIL_BYTES: Final = 8  # struct dx_tail: dt_reserved and dt_checksum
 JBD2_MAGIC: Final = 0xC03B3998  # journal superblock magic (jbd2, big-endian)
 
 # Incompatible features this reader understands; anything else is refused, because an
@@ -611,7 +615,42 @@ class Ext4Reader:
                 if (extent.logical + index) * block_size >= info.size:
                     return
                 block = self.read_block(extent.physical + index)
+                if self._is_index_block(block, extent.logical + index, info.flags):
+                    # htree index blocks hold no names; entry blocks follow as plain ones.
+                    self._verify_index_block(number, block, seed, extent.logical + index)
+                    continue
                 yield from self._dir_block(number, block, seed, info.flags)
+
+    def _is_index_block(self, block: bytes, logical: int, flags: int) -> bool:
+        """Tell an htree index block: the root at block 0, or a node that looks empty."""
+        if not flags & fmt.InodeFlags.INDEX:
+            return False
+        inode, rec_len, _name_len, _type = fmt.DIR_ENTRY_HEADER.unpack_from(block, 0)
+        if logical == 0:
+            dotdot_rec_len = int.from_bytes(block[16:18], "little")
+            return bool(dotdot_rec_len == self.block_size - DX_DOT_ENTRY_BYTES)
+        return bool(inode == 0 and rec_len in (self.block_size, 0, 65535))
+
+    def _verify_index_block(self, number: int, block: bytes, seed: int, logical: int) -> None:
+        """Check an htree block's dx_tail checksum, as ext4_dx_csum() computes it."""
+        if logical == 0:
+            info_length = block[DX_ROOT_INFO_OFFSET + 5]
+            count_offset = DX_ROOT_INFO_OFFSET + info_length
+        else:
+            count_offset = fmt.DIR_ENTRY_HEADER.size
+        if count_offset + 4 > self.block_size:
+            raise self._corrupt(f"directory inode {number} has a bad htree block {logical}")
+        limit = int.from_bytes(block[count_offset : count_offset + 2], "little")
+        count = int.from_bytes(block[count_offset + 2 : count_offset + 4], "little")
+        tail = count_offset + limit * DX_ENTRY_BYTES
+        if count > limit or tail + DX_TAIL_BYTES > self.block_size:
+            raise self._corrupt(f"directory inode {number} has a bad htree block {logical}")
+        if not self.metadata_csum:
+            return
+        checksum = crc32c_raw(seed, block[: count_offset + count * DX_ENTRY_BYTES])
+        checksum = crc32c_raw(checksum, block[tail : tail + 4] + bytes(4))
+        if checksum != int.from_bytes(block[tail + 4 : tail + 8], "little"):
+            raise self._corrupt(f"directory inode {number} has an htree block with a bad checksum")
 
     def _dir_block(
         self, number: int, block: bytes, seed: int, flags: int

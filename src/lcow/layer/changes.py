@@ -220,6 +220,8 @@ def _compare(new: MergedView, old: MergedView, path: list[bytes], out: list[Chan
     changed = False
     for name in sorted(set(new_children) | set(old_children)):
         child_path = [*path, name]
+        if not path and name == LOST_AND_FOUND and _empty_or_missing(new, old, name):
+            continue  # the images' own lost+found, which no tar put there
         if name not in new_children:
             out.append(Change(_join(child_path), ChangeKind.DELETE))
             changed = True
@@ -241,6 +243,18 @@ def _compare(new: MergedView, old: MergedView, path: list[bytes], out: list[Chan
         if stat.S_ISDIR(new_inode.mode) and not both_dirs:
             _list_added(new, child_path, out)
     return changed
+
+
+def _empty_or_missing(new: MergedView, old: MergedView, name: bytes) -> bool:
+    """Tell whether ``name`` at the root is an empty directory, or absent, in both views."""
+    for view in (new, old):
+        found = view.children([]).get(name)
+        if found is None:
+            continue
+        _, inode = found
+        if inode.file_type != fmt.S_IFDIR or view.children([name]):
+            return False
+    return True
 
 
 def _list_added(view: MergedView, path: list[bytes], out: list[Change]) -> None:
