@@ -218,7 +218,11 @@ def vhd2tar(image: str, output: str, sandbox: bool | None) -> None:
 
 def _register_subcommands() -> None:
     # The driver commands live in their own module, which imports this one for `main`.
-    import lcow.cli_driver  # noqa: F401, PLC0415 - registers the commands on `main`
+    import lcow.cli_driver  # noqa: PLC0415 - registers the commands on `main`
+    import lcow.cli_vm  # noqa: F401, PLC0415 - registers `lcow vm`
+    from lcow.cli_image import image  # noqa: PLC0415 - kept with the other registrations
+
+    main.add_command(image)
 
 
 _register_subcommands()

@@ -9,6 +9,8 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
+import tempfile
 from pathlib import Path
 from typing import Final
 
@@ -45,6 +47,23 @@ def _copy_chunk(source_fd: int, destination_fd: int, position: int, length: int)
     return copied
 
 
+def set_size(fd: int, size_bytes: int) -> None:
+    """Give the file at ``fd`` the size ``size_bytes``, as ftruncate does.
+
+    A block device cannot change size: for one, check that it holds ``size_bytes`` and leave
+    it as it is. Inside the qemu backend's utility VM every output is such a disk.
+    """
+    if not stat.S_ISBLK(os.fstat(fd).st_mode):
+        os.ftruncate(fd, size_bytes)
+        return
+    capacity_bytes = os.lseek(fd, 0, os.SEEK_END)
+    if capacity_bytes < size_bytes:
+        raise OSError(
+            errno.ENOSPC,
+            f"the output disk holds {capacity_bytes} bytes, {size_bytes} bytes are needed",
+        )
+
+
 def copy_data_ranges(source_fd: int, destination_fd: int, size: int) -> None:
     """Copy what SEEK_DATA finds in the first ``size`` bytes; leave the holes as holes."""
     offset = 0
@@ -62,17 +81,21 @@ def copy_data_ranges(source_fd: int, destination_fd: int, size: int) -> None:
                 source_fd, destination_fd, position, min(_COPY_CHUNK_BYTES, hole - position)
             )
         offset = hole
-    os.ftruncate(destination_fd, size)
+    set_size(destination_fd, size)
 
 
 def clone_file(source: Path, destination: Path, *, mode: int = 0o600) -> None:
     """Copy ``source`` to ``destination`` through a temporary name; the result is complete."""
-    temporary = destination.with_name(f".{destination.name}.clone.tmp")
     source_fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    # A unique temporary name: several processes may clone to the same folder at once.
+    destination_fd, temporary_name = tempfile.mkstemp(
+        prefix=f".{destination.name}.", suffix=".clone.tmp", dir=destination.parent
+    )
+    temporary = Path(temporary_name)
+    os.fchmod(destination_fd, mode)
+    # The lock tells the store's Init that a live process still writes this file.
+    fcntl.flock(destination_fd, fcntl.LOCK_EX)
     try:
-        destination_fd = os.open(
-            temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode
-        )
         try:
             if not _reflink(source_fd, destination_fd):
                 copy_data_ranges(source_fd, destination_fd, os.fstat(source_fd).st_size)

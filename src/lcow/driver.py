@@ -72,8 +72,9 @@ TEMPORARY_SUFFIX: Final = ".tmp"
 LAYER_ID: Final = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 FEED_CHUNK_BYTES: Final = 1 << 20
 DEFAULT_ROOT: Final = "/var/lib/lcow"
-FEEDER_STOP_TIMEOUT_S: Final = 30.0
+FEEDER_JOIN_S: Final = 1.0
 REMOVE_WAIT_S: Final = 15.0
+MIN_SANDBOX_BYTES: Final = 16 << 20
 LOCK_POLL_S: Final = 0.05
 
 
@@ -331,6 +332,11 @@ class Driver:
                     f"invalid storage option {key!r} for layer {layer_id}: only size is supported"
                 )
             size_bytes = parse_size(value)
+        if size_bytes < MIN_SANDBOX_BYTES:
+            raise InvalidArgumentError(
+                f"invalid sandbox size {size_bytes} bytes for layer {layer_id}: the minimum "
+                f"is {MIN_SANDBOX_BYTES} bytes (16 MiB), room for ext4's journal and tables"
+            )
         self.create(layer_id, parent)
         folder = self._folder(layer_id)
         try:
@@ -382,6 +388,10 @@ class Driver:
         folder = self._folder(layer_id)
         if not folder.is_dir():
             return
+        if self.references(layer_id):
+            raise FailedPreconditionError(
+                f"failed to remove layer {layer_id}: this process holds it (Get without Put)"
+            )
         # dockerd sends Remove right after it gives up on an ApplyDiff, while that call may
         # still be winding down; wait a little for it before calling the layer in use.
         lock = _wait_exclusive(folder / LOCK_FILE, REMOVE_WAIT_S)
@@ -733,35 +743,49 @@ class _Feeder(threading.Thread):
     def __init__(self, source: IO[bytes], write_fd: int, consumed: list[int]) -> None:
         super().__init__(name="lcow-apply-diff-feeder", daemon=True)
         self.source = source
-        self.write_fd = write_fd
         self.consumed = consumed
         self.error: BaseException | None = None
-        self._stopped = threading.Event()
+        self._fd = write_fd
+        self._fd_lock = threading.Lock()  # the pipe is written or closed, never both at once
 
     def run(self) -> None:
         try:
-            with os.fdopen(self.write_fd, "wb", buffering=0) as pipe:
-                while not self._stopped.is_set():
-                    chunk = self.source.read(FEED_CHUNK_BYTES)
-                    if not chunk:
-                        break
-                    self.consumed[0] += len(chunk)
+            while True:
+                chunk = self.source.read(FEED_CHUNK_BYTES)
+                if not chunk:
+                    break
+                self.consumed[0] += len(chunk)
+                with self._fd_lock:
+                    if self._fd < 0:
+                        return
                     view = memoryview(chunk)
                     while view:
-                        view = view[pipe.write(view) or 0 :]
+                        view = view[os.write(self._fd, view) :]
         except BrokenPipeError:
             pass  # the worker stopped reading; its reply says why
         except Exception as err:  # noqa: BLE001 - any failure of the caller's stream
             # The worker would see a clean end of the stream; keep the error so ApplyDiff
             # fails instead of storing the part that arrived.
             self.error = err
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        with self._fd_lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
     def stop(self) -> None:
-        """Stop copying and wait for the thread, which closes the pipe when it ends."""
-        self._stopped.set()
-        self.join(timeout=FEEDER_STOP_TIMEOUT_S)
+        """Close the pipe and wait briefly for the thread.
+
+        Closing ends the worker's read even when the caller's stream blocks. A thread
+        blocked in that stream ends when the stream returns; it holds no descriptor.
+        """
+        self._close()
+        self.join(timeout=FEEDER_JOIN_S)
         if self.is_alive():
-            log.warning("the ApplyDiff feeder did not stop; its pipe stays open")
+            log.info("the ApplyDiff stream still blocks; its reader thread ends when it returns")
 
 
 class _Request(threading.Thread):

@@ -6,7 +6,9 @@ from typing import Final
 
 from lcow.errors import InvalidArgumentError
 
-BACKENDS: Final = ("process",)
+BACKENDS: Final = ("process", "qemu")
+ACCELERATORS: Final = ("auto", "kvm", "tcg")
+MIN_VM_MEMORY_MIB: Final = 256  # the initrd unpacks to about 75 MiB, Python needs the rest
 SANDBOX_FORMATS: Final = ("vhdx", "raw")
 SIZE_UNITS: Final = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 
@@ -14,8 +16,15 @@ OPTION_HELP: Final = {
     "lcow.globalmode": "true or false (default false): one service VM for the driver's life",
     "lcow.sandboxsize": "sandbox size in GB (default 20)",
     "lcow.sandboxformat": "vhdx or raw (default vhdx)",
-    "lcow.backend": "service VM backend: process (default)",
-    "lcow.timeout": "service VM operation timeout in seconds (default 300)",
+    "lcow.backend": "service VM backend: process (default) or qemu",
+    "lcow.timeout": "service VM boot and operation timeout in seconds (default 300)",
+    "lcow.kirdpath": "qemu backend: folder of the kernel and initrd (default <root>/cache/vm, "
+    "else /var/lib/lcow-vm)",
+    "lcow.kernel": "qemu backend: kernel file name in lcow.kirdpath (default vmlinuz)",
+    "lcow.initrd": "qemu backend: initrd file name in lcow.kirdpath (default initrd.img)",
+    "lcow.bootparameters": "qemu backend: extra kernel command line",
+    "lcow.vmmemory": "qemu backend: utility VM memory in MiB (default 1024)",
+    "lcow.accel": "qemu backend: auto (default; KVM when a probe boot works), kvm or tcg",
     "lcow.hostmount": "true or false (default false): Get returns a mounted root (root only)",
 }
 
@@ -55,6 +64,12 @@ class DriverOptions:
     backend: str = "process"
     timeout_s: float = 300.0
     host_mount: bool = False
+    kird_path: str | None = None
+    kernel: str = "vmlinuz"
+    initrd: str = "initrd.img"
+    boot_parameters: str = ""
+    vm_memory_mib: int = 1024
+    accel: str = "auto"
 
     @classmethod
     def parse(cls, options: Iterable[str] | Mapping[str, str] | None) -> "DriverOptions":
@@ -94,6 +109,20 @@ class DriverOptions:
                 values["timeout_s"] = _parse_seconds(key, value)
             elif key == "lcow.hostmount":
                 values["host_mount"] = _parse_bool(key, value)
+            elif key == "lcow.kirdpath":
+                values["kird_path"] = _parse_nonempty(key, value)
+            elif key in ("lcow.kernel", "lcow.initrd"):
+                values[key.removeprefix("lcow.")] = _parse_file_name(key, value)
+            elif key == "lcow.bootparameters":
+                values["boot_parameters"] = value.strip()
+            elif key == "lcow.vmmemory":
+                values["vm_memory_mib"] = _parse_memory(key, value)
+            elif key == "lcow.accel":
+                if value not in ACCELERATORS:
+                    raise InvalidArgumentError(
+                        f"invalid value {value!r} for {key}: use {', '.join(ACCELERATORS)}"
+                    )
+                values["accel"] = value
             else:
                 valid = "; ".join(f"{name}: {text}" for name, text in OPTION_HELP.items())
                 raise InvalidArgumentError(f"unknown option {raw_key!r}; valid options are {valid}")
@@ -128,3 +157,32 @@ def _parse_seconds(name: str, value: str) -> float:
     if seconds <= 0:
         raise InvalidArgumentError(f"invalid value {value!r} for {name}: it must be positive")
     return seconds
+
+
+def _parse_nonempty(name: str, value: str) -> str:
+    if not value.strip():
+        raise InvalidArgumentError(f"invalid value for {name}: give a path")
+    return value.strip()
+
+
+def _parse_file_name(name: str, value: str) -> str:
+    if not value or "/" in value or value in (".", ".."):
+        raise InvalidArgumentError(
+            f"invalid value {value!r} for {name}: give a file name inside lcow.kirdpath"
+        )
+    return value
+
+
+def _parse_memory(name: str, value: str) -> int:
+    try:
+        mebibytes = int(value)
+    except ValueError as err:
+        raise InvalidArgumentError(
+            f"invalid value {value!r} for {name}: give MiB as a whole number"
+        ) from err
+    if mebibytes < MIN_VM_MEMORY_MIB:
+        raise InvalidArgumentError(
+            f"invalid value {value!r} for {name}: the utility VM needs at least "
+            f"{MIN_VM_MEMORY_MIB} MiB"
+        )
+    return mebibytes

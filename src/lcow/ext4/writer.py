@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from lcow.clone import set_size
 from lcow.errors import InvalidArgumentError, UnsupportedError
 from lcow.ext4 import format as fmt
 from lcow.ext4 import xattr as xattr_codec
@@ -864,7 +865,7 @@ class _Finisher:
             _pwrite_all(writer.fd, descriptors, (start + 1) * BLOCK)
 
         size_bytes = blocks_count * BLOCK
-        os.ftruncate(writer.fd, size_bytes)
+        set_size(writer.fd, size_bytes)
         return size_bytes
 
     def _block_bitmaps(

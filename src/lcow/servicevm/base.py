@@ -45,6 +45,8 @@ class ServiceVM(abc.ABC):
         self._slots = itertools.count(1)
         self._pending: dict[int, Future[dict[str, Any]]] = {}
         self._lock = threading.Lock()
+        # Frames of concurrent requests (global mode) must not interleave on the channel.
+        self._send_lock = threading.Lock()
         self._reader: threading.Thread | None = None
         self._closed_error: ServiceVMError | None = None
 
@@ -79,6 +81,9 @@ class ServiceVM(abc.ABC):
                 message, fds = received
                 for fd in fds:
                     os.close(fd)
+                if "event" in message:
+                    self._handle_event(message)
+                    continue
                 with self._lock:
                     future = self._pending.pop(int(message.get("id", 0)), None)
                 if future is not None:
@@ -92,6 +97,10 @@ class ServiceVM(abc.ABC):
             pending, self._pending = self._pending, {}
         for future in pending.values():
             future.set_exception(self._closed_error)
+
+    def _handle_event(self, message: dict[str, Any]) -> None:
+        """Act on a message the worker sent on its own; it runs on the reply thread."""
+        log.warning("service VM %s sent an unexpected event: %s", self.name, message)
 
     def request(
         self,
@@ -111,7 +120,8 @@ class ServiceVM(abc.ABC):
             request_id = next(self._ids)
             self._pending[request_id] = future
         try:
-            protocol.send(self.channel, {"id": request_id, "op": op, **arguments}, fds)
+            with self._send_lock:
+                protocol.send(self.channel, {"id": request_id, "op": op, **arguments}, fds)
         except OSError as err:
             with self._lock:
                 self._pending.pop(request_id, None)

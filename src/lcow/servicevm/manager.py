@@ -10,7 +10,9 @@ Each service VM gets its own scratch disk, a copy of ``cache/scratch.vhdx`` in
 """
 
 import contextlib
+import fcntl
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,13 +23,15 @@ from lcow.clone import clone_file
 from lcow.errors import ServiceVMError
 from lcow.servicevm.base import ServiceVM
 from lcow.servicevm.process import ProcessServiceVM
+from lcow.servicevm.qemu import QemuServiceVM
+from lcow.servicevm.qemu_config import QemuConfig
 
 log = logging.getLogger(__name__)
 
 GLOBAL_NAME: Final = "_lcow_global_svm_"
 SCRATCH_SIZE_BYTES: Final = 1 << 30
 SCRATCH_DISK_ID: Final = b"lcow scratch vm\0"  # 16 bytes: the page 83 id of every scratch disk
-BACKENDS: Final = ("process",)
+BACKENDS: Final = ("process", "qemu")
 
 
 class ServiceVMManager:
@@ -41,14 +45,18 @@ class ServiceVMManager:
         global_mode: bool = False,
         timeout_s: float = 300.0,
         hide: tuple[str, ...] = (),
+        qemu: QemuConfig | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ServiceVMError(f"unknown service VM backend {backend!r}")
+        if backend == "qemu" and qemu is None:
+            raise ServiceVMError("the qemu backend needs a QemuConfig")
         self.root = root
         self.backend = backend
         self.global_mode = global_mode
         self.timeout_s = timeout_s
         self.hide = hide
+        self.qemu = qemu
         self._lock = threading.Lock()
         self._global: ServiceVM | None = None
         self._global_start = threading.Lock()  # one boot of the global VM at a time
@@ -66,8 +74,18 @@ class ServiceVMManager:
     def ensure_scratch_template(self) -> None:
         """Create the blank scratch disk once; later service VMs get copies of it."""
         template = self.scratch_template
-        if not template.exists():
-            vhdx.create(template, SCRATCH_SIZE_BYTES, disk_id=SCRATCH_DISK_ID)
+        if template.exists():
+            return
+        # Several processes may start their first service VM at once on a new store.
+        lock_fd = os.open(
+            template.with_name(".scratch.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            if not template.exists():
+                vhdx.create(template, SCRATCH_SIZE_BYTES, disk_id=SCRATCH_DISK_ID)
+        finally:
+            os.close(lock_fd)
 
     def _unique_name(self, name: str) -> str:
         candidate, number = name, 1
@@ -80,21 +98,32 @@ class ServiceVMManager:
         with self._lock:
             name = self._unique_name(name)
             self._running[name] = placeholder = _Starting(name, timeout_s=0)
-        scratch = self.root / "scratch" / f"{name}.vhdx"
-        service_vm: ServiceVM = ProcessServiceVM(name, timeout_s=self.timeout_s, hide=self.hide)
+        # The pid keeps the names of two processes' service VMs apart on one store.
+        scratch = self.root / "scratch" / f"{name}.{os.getpid()}.vhdx"
+        service_vm: ServiceVM
+        if self.qemu is not None and self.backend == "qemu":
+            service_vm = QemuServiceVM(
+                name, timeout_s=self.timeout_s, config=self.qemu, spool_folder=self.root / "scratch"
+            )
+        else:
+            service_vm = ProcessServiceVM(name, timeout_s=self.timeout_s, hide=self.hide)
         try:
             self.ensure_scratch_template()
             clone_file(self.scratch_template, scratch)
+            # Held while the service VM runs: the store's Init deletes only unlocked disks.
+            scratch_fd = os.open(scratch, os.O_RDWR | os.O_CLOEXEC)
+            fcntl.flock(scratch_fd, fcntl.LOCK_EX)
+            service_vm.scratch_fd = scratch_fd  # type: ignore[union-attr]
             service_vm.start()
-            with scratch.open("r+b") as scratch_file:
-                service_vm.attach(scratch_file.fileno())
+            service_vm.attach(scratch_fd)
         except BaseException:
             service_vm.terminate(stop_timeout_s=0)
+            _close_scratch(service_vm)
             scratch.unlink(missing_ok=True)
             with self._lock:
                 self._running.pop(name, None)
             raise
-        service_vm.scratch_path = scratch  # type: ignore[attr-defined]
+        service_vm.scratch_path = scratch  # type: ignore[union-attr]
         with self._lock:
             assert self._running.get(name) is placeholder
             self._running[name] = service_vm
@@ -108,6 +137,7 @@ class ServiceVMManager:
             scratch = getattr(service_vm, "scratch_path", None)
             if scratch is not None:
                 scratch.unlink(missing_ok=True)
+            _close_scratch(service_vm)
             with self._lock:
                 if self._running.get(service_vm.name) is service_vm:
                     del self._running[service_vm.name]
@@ -152,6 +182,13 @@ class ServiceVMManager:
     def running_names(self) -> list[str]:
         with self._lock:
             return sorted(self._running)
+
+
+def _close_scratch(service_vm: ServiceVM) -> None:
+    fd = getattr(service_vm, "scratch_fd", -1)
+    if fd >= 0:
+        os.close(fd)
+        service_vm.scratch_fd = -1  # type: ignore[attr-defined]
 
 
 class _Starting(ServiceVM):

@@ -14,13 +14,18 @@ op             arguments                                      result
 hello          (none)                                         pid, version, isolation
 attach         slot; one descriptor rides with the frame      (none)
 detach         slot                                           (none)
-tar2ext4       input, output (slots), max_size_bytes, footer  conversion statistics
+tar2ext4       input, output (slots), max_size_bytes, footer  conversion statistics and
+                                                              output_size_bytes
 ext4totar      disk, subdirectory or null, output (slots)     entries written
-format_sandbox output (slot), size_bytes, format (raw, vhdx)  (none)
+format_sandbox output (slot), size_bytes, format (raw, vhdx)  output_size_bytes
 changes        layer, parent: lists of [slot, subdirectory];  changes [[path, kind], ...] and
                own_parent: whether parent is layer's parent   size (DiffSize)
 shutdown       (none)                                         (none); the worker then exits
 ============== ============================================== ===============================
+
+``output_size_bytes`` is the length of the file written to the output slot. An output that
+is a disk of a utility VM cannot be truncated by the worker, so the qemu backend cuts the
+host's file to that length.
 """
 
 import array

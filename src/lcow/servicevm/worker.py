@@ -20,6 +20,7 @@ import os
 import resource
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 from lcow import __version__, vhd, vhdx
-from lcow.clone import copy_data_ranges
+from lcow.clone import copy_data_ranges, set_size
 from lcow.disk import open_disk
 from lcow.errors import LcowError, ServiceVMError
 from lcow.ext4.reader import Ext4Reader
@@ -189,11 +190,14 @@ class Worker:
             stats, digest = convert_stream(
                 source, output_fd, max_size_bytes=int(request["max_size_bytes"])
             )
+        output_size_bytes = stats.image_size_bytes
         if request.get("footer", True):
             unique_id = vhd_unique_id(digest)
             vhd.append_footer(output_fd, stats.image_size_bytes, unique_id)
+            output_size_bytes += vhd.FOOTER_SIZE_BYTES
         os.fsync(output_fd)
         return {
+            "output_size_bytes": output_size_bytes,
             "entries": stats.entries,
             "size_bytes": stats.size_bytes,
             "image_size_bytes": stats.image_size_bytes,
@@ -227,8 +231,9 @@ class Worker:
             (content / "upper").mkdir(parents=True)
             (content / "work").mkdir()
             if disk_format == "raw":
-                os.ftruncate(output_fd, size_bytes)
+                set_size(output_fd, size_bytes)
                 _mke2fs(output_fd, size_bytes, content)
+                output_size_bytes = size_bytes
             else:
                 # mke2fs writes raw disks only: format a sparse memory file, then convert.
                 raw_fd = os.memfd_create("lcow-sandbox-raw", os.MFD_CLOEXEC)
@@ -237,11 +242,11 @@ class Worker:
                     _mke2fs(raw_fd, size_bytes, content)
                     converted = Path(folder, "sandbox.vhdx")
                     vhdx.raw_to_vhdx(_descriptor_path(raw_fd), converted)
-                    _copy_sparse(converted, output_fd)
+                    output_size_bytes = _copy_sparse(converted, output_fd)
                 finally:
                     os.close(raw_fd)
         os.fsync(output_fd)
-        return {}
+        return {"output_size_bytes": output_size_bytes}
 
     def op_changes(self, request: dict[str, Any]) -> dict[str, Any]:
         with contextlib.ExitStack() as stack:
@@ -295,12 +300,18 @@ def _mke2fs(fd: int, size_bytes: int, content: Path) -> None:
         )
 
 
-def _copy_sparse(source: Path, destination_fd: int) -> None:
-    """Copy the data ranges of ``source`` into ``destination_fd``, keeping its holes."""
+def _copy_sparse(source: Path, destination_fd: int) -> int:
+    """Copy the data ranges of ``source`` into ``destination_fd``; return the size copied.
+
+    The holes read as zeros in the copy because the destination is emptied first. A block
+    device cannot be emptied: the qemu backend hands over output disks that are all zeros.
+    """
     with source.open("rb") as reader:
         size = os.fstat(reader.fileno()).st_size
-        os.ftruncate(destination_fd, 0)
+        if not stat.S_ISBLK(os.fstat(destination_fd).st_mode):
+            os.ftruncate(destination_fd, 0)
         copy_data_ranges(reader.fileno(), destination_fd, size)
+    return size
 
 
 def _private_tmp() -> bool:

@@ -1,0 +1,1 @@
+"""lcow's benchmark suite: ``python -m bench``, described in docs/benchmarks.md."""

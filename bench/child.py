@@ -1,0 +1,110 @@
+"""One lcow operation in a fresh process, timed from inside: ``python -m bench.child OP …``.
+
+A fresh process per run keeps one run's memory out of the next run's peak RSS. The child
+times only the operation itself, after the interpreter has started and lcow is imported,
+and prints one JSON object on stdout:
+
+- ``seconds``: wall time of the operation;
+- ``self_peak_rss_bytes``: ``ru_maxrss`` of this process;
+- ``children_peak_rss_bytes``: ``ru_maxrss`` over the children this process reaped. For
+  ApplyDiff and Diff that is the service VM's worker, the process that converts, because
+  safe mode stops and reaps the worker before the call returns.
+"""
+
+import argparse
+import json
+import logging
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lcow.driver import Driver
+from lcow.layer.tar2ext4 import convert_tar
+
+KIB = 1024
+
+
+def _usage() -> dict[str, int]:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * KIB
+    return {"self_peak_rss_bytes": own, "children_peak_rss_bytes": children}
+
+
+def apply_diff(arguments: argparse.Namespace) -> dict[str, Any]:
+    """Create a layer and time Driver.apply_diff of the tar into it."""
+    driver = Driver(arguments.root, [])
+    driver.create(arguments.layer_id)
+    with Path(arguments.input).open("rb") as diff:
+        started = time.perf_counter()
+        size = driver.apply_diff(arguments.layer_id, None, diff)
+        seconds = time.perf_counter() - started
+    if not arguments.keep:
+        driver.remove(arguments.layer_id)
+    return {"seconds": seconds, "size_bytes": size, **_usage()}
+
+
+def convert(arguments: argparse.Namespace) -> dict[str, Any]:
+    """Time convert_tar of the tar to a layer image, in this process."""
+    started = time.perf_counter()
+    stats = convert_tar(arguments.input, arguments.output)
+    seconds = time.perf_counter() - started
+    return {
+        "seconds": seconds,
+        "entries": stats.entries,
+        "image_size_bytes": stats.image_size_bytes,
+        **_usage(),
+    }
+
+
+def export(arguments: argparse.Namespace) -> dict[str, Any]:
+    """Time Driver.diff of a layer, reading the whole stream into a file."""
+    driver = Driver(arguments.root, [])
+    with Path(arguments.output).open("wb") as output:
+        started = time.perf_counter()
+        stream = driver.diff(arguments.layer_id)
+        try:
+            shutil.copyfileobj(stream, output, 1 << 20)
+        finally:
+            stream.close()
+        seconds = time.perf_counter() - started
+    return {"seconds": seconds, "tar_bytes": Path(arguments.output).stat().st_size, **_usage()}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.child")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    apply = commands.add_parser("apply-diff")
+    apply.add_argument("--root", required=True)
+    apply.add_argument("--layer-id", required=True)
+    apply.add_argument("--input", required=True)
+    apply.add_argument("--keep", action="store_true", help="Keep the layer after the run.")
+    apply.set_defaults(handler=apply_diff)
+
+    conversion = commands.add_parser("convert")
+    conversion.add_argument("--input", required=True)
+    conversion.add_argument("--output", required=True)
+    conversion.set_defaults(handler=convert)
+
+    diff = commands.add_parser("export")
+    diff.add_argument("--root", required=True)
+    diff.add_argument("--layer-id", required=True)
+    diff.add_argument("--output", required=True)
+    diff.set_defaults(handler=export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="bench.child: %(levelname)s: %(message)s")
+    arguments = _parser().parse_args(argv)
+    result = arguments.handler(arguments)
+    json.dump(result, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

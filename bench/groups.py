@@ -1,0 +1,172 @@
+"""The groups a run measures: which cases run together on which input, and their goals.
+
+A group's cases are timed interleaved. Each group prepares what it needs (a store, a kept
+layer, a mount) in its own folder on the output file system and undoes it afterwards.
+"""
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from bench import lcow_cases, references
+from bench.inputs import Layer, describe
+from bench.report import Goal, rss_goal
+from bench.timing import Case
+from lcow.driver import Driver
+from lcow.servicevm.manager import ServiceVMManager
+
+CREATE_READ_WRITE_LIMIT_S: Final = 0.020
+SERVICE_VM_START_LIMIT_S: Final = 0.050
+SANDBOX_SIZES_GB: Final = {"20GiB": 20, "1TiB": 1024}  # lcow.sandboxsize is in GiB
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """Cases to time together; ``prepare`` yields them and cleans up after the group."""
+
+    group_id: str
+    layer_path: Path | None
+    prepare: Callable[[Path, Layer | None], contextlib.AbstractContextManager[list[Case]]]
+    goals: Callable[[Layer | None], list[Goal]]
+
+    def layer(self) -> Layer | None:
+        return None if self.layer_path is None else describe(self.layer_path)
+
+
+def _plain(layer_path: Path) -> Group:
+    @contextlib.contextmanager
+    def prepare(folder: Path, layer: Layer | None) -> Iterator[list[Case]]:
+        assert layer is not None
+        yield [
+            references.tar_extract(layer),
+            references.shell_route(layer),
+            lcow_cases.apply_diff(layer, folder / "store"),
+            lcow_cases.convert_in_process(layer),
+            lcow_cases.convert_command(layer),
+        ]
+
+    def goals(layer: Layer | None) -> list[Goal]:
+        assert layer is not None
+        result = []
+        if layer.kind in ("many-small", "huge"):
+            result.append(Goal("ApplyDiff", "ratio", 1.0, "tar -xf"))
+        result.append(Goal("ApplyDiff", "ratio", 0.4, "tar -xf + mkfs.ext4 -d"))
+        result.append(rss_goal(layer))
+        return result
+
+    return Group(f"plain/{layer_path.name}", layer_path, prepare, goals)
+
+
+def _gzip(layer_path: Path) -> Group:
+    @contextlib.contextmanager
+    def prepare(folder: Path, layer: Layer | None) -> Iterator[list[Case]]:
+        assert layer is not None
+        yield [
+            references.tar_extract(layer),
+            lcow_cases.apply_diff(layer, folder / "store"),
+            lcow_cases.convert_in_process(layer),
+            lcow_cases.convert_command(layer),
+        ]
+
+    def goals(layer: Layer | None) -> list[Goal]:
+        assert layer is not None
+        return [Goal("ApplyDiff", "ratio", 0.7, "tar -xzf"), rss_goal(layer)]
+
+    return Group(f"gzip/{layer_path.name}", layer_path, prepare, goals)
+
+
+def _export(layer_path: Path) -> Group:
+    @contextlib.contextmanager
+    def prepare(folder: Path, layer: Layer | None) -> Iterator[list[Case]]:
+        assert layer is not None
+        store = folder / "store"
+        image = lcow_cases.keep_layer(layer, store, "exported")
+        with references.LoopMount(image, folder / "mnt") as mount_point:
+            yield [references.tar_create(mount_point), lcow_cases.export(store, "exported")]
+
+    def goals(layer: Layer | None) -> list[Goal]:
+        del layer
+        return [Goal("Diff", "ratio", 1.0, "tar -c of the mounted image")]
+
+    return Group(f"export/{layer_path.name}", layer_path, prepare, goals)
+
+
+def _create_read_write(label: str, size_gb: int) -> Group:
+    @contextlib.contextmanager
+    def prepare(folder: Path, layer: Layer | None) -> Iterator[list[Case]]:
+        del layer
+        driver = Driver(folder / "store", [f"lcow.sandboxsize={size_gb}"])
+        try:
+            # The first sandbox makes the cache; only later ones are timed.
+            driver.create_read_write("make-cache")
+            driver.remove("make-cache")
+            cached = next((folder / "store" / "cache").glob("sandbox.*"))
+            yield [references.sparse_copy(cached), lcow_cases.create_read_write(driver)]
+        finally:
+            driver.cleanup()
+
+    def goals(layer: Layer | None) -> list[Goal]:
+        del layer
+        return [Goal("CreateReadWrite", "seconds", CREATE_READ_WRITE_LIMIT_S)]
+
+    return Group(f"create_read_write/{label}", None, prepare, goals)
+
+
+def _service_vm_start() -> Group:
+    @contextlib.contextmanager
+    def prepare(folder: Path, layer: Layer | None) -> Iterator[list[Case]]:
+        del layer
+        store = folder / "store"
+        for name in ("cache", "scratch"):
+            (store / name).mkdir(parents=True, exist_ok=True)
+        manager = ServiceVMManager(store, global_mode=False)
+        try:
+            yield [references.interpreter_start(), lcow_cases.service_vm_start(manager)]
+        finally:
+            manager.terminate_all()
+
+    def goals(layer: Layer | None) -> list[Goal]:
+        del layer
+        return [Goal("service VM start and stop", "seconds", SERVICE_VM_START_LIMIT_S)]
+
+    return Group("service_vm_start", None, prepare, goals)
+
+
+def _changes(base_path: Path, layer_path: Path) -> Group:
+    @contextlib.contextmanager
+    def prepare(folder: Path, layer: Layer | None) -> Iterator[list[Case]]:
+        del layer
+        driver = Driver(folder / "store", [])
+        try:
+            driver.create("base")
+            with base_path.open("rb") as diff:
+                driver.apply_diff("base", None, diff)
+            driver.create("upper", "base")
+            with layer_path.open("rb") as diff:
+                driver.apply_diff("upper", "base", diff)
+            yield lcow_cases.changes(driver, "upper", "base")
+        finally:
+            driver.cleanup()
+
+    def goals(layer: Layer | None) -> list[Goal]:
+        del layer
+        return []
+
+    return Group(f"changes/{layer_path.name}", layer_path, prepare, goals)
+
+
+def plan(corpus: list[Path], generated: list[Path]) -> list[Group]:
+    """Return every group in run order: the quick ones first, the 2 GB inputs last."""
+    groups = [_service_vm_start()]
+    groups += [_create_read_write(label, size) for label, size in SANDBOX_SIZES_GB.items()]
+    base = next(path for path in corpus if path.name == "L1-base.tar")
+    groups += [
+        _changes(base, path) for path in corpus if path.name in ("L2-umoci.tar", "L2-buildah.tar")
+    ]
+    for paths in (corpus, generated):
+        groups += [_plain(path) for path in paths if not path.name.endswith(".gz")]
+        groups += [_gzip(path) for path in paths if path.name.endswith(".gz")]
+        groups += [_export(path) for path in paths if not path.name.endswith(".gz")]
+    return groups

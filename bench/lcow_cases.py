@@ -1,0 +1,182 @@
+"""The lcow cases: ApplyDiff, tar2vhd, Diff, CreateReadWrite, service VM start, Changes."""
+
+import itertools
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Final
+
+from bench.inputs import Layer
+from bench.timing import Case, Sample, run_command
+from lcow.driver import Driver
+from lcow.servicevm.manager import ServiceVMManager
+
+REPOSITORY: Final = Path(__file__).resolve().parent.parent
+LCOW_COMMAND: Final = Path(sys.executable).parent / "lcow"
+_layer_numbers = itertools.count(1)
+
+
+def run_child(arguments: list[str]) -> dict[str, Any]:
+    """Run ``python -m bench.child`` with ``arguments``; return the JSON it prints."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.child", *arguments],
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"bench.child {arguments[0]} failed with exit status {result.returncode}: "
+            f"{result.stderr.strip()[-2000:]}"
+        )
+    answer: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return answer
+
+
+def apply_diff(layer: Layer, store: Path) -> Case:
+    """Time Driver.apply_diff in safe mode (a new worker per call), process backend.
+
+    The peak RSS is the worker's: the child process reads ``ru_maxrss`` of its reaped
+    children after the call, and the worker is the only large one.
+    """
+    # NOTE: the kernel also counts the driver process's RSS at the moment it forks unshare
+    # (about 33 MB here), so a worker smaller than that reads as the driver's size.
+
+    def run(scratch: Path) -> Sample:
+        del scratch  # the store lives outside, so its scratch-disk template is made once
+        answer = run_child(
+            [
+                "apply-diff",
+                "--root",
+                str(store),
+                "--layer-id",
+                f"apply-{next(_layer_numbers)}",
+                "--input",
+                str(layer.path),
+            ]
+        )
+        return Sample(answer["seconds"], answer["children_peak_rss_bytes"], answer)
+
+    return Case("ApplyDiff", is_reference=False, run=run)
+
+
+def keep_layer(layer: Layer, store: Path, layer_id: str) -> Path:
+    """Apply ``layer`` once into ``store`` and keep it; return its ``layer.vhd``."""
+    run_child(
+        [
+            "apply-diff",
+            "--root",
+            str(store),
+            "--layer-id",
+            layer_id,
+            "--input",
+            str(layer.path),
+            "--keep",
+        ]
+    )
+    return store / layer_id / "layer.vhd"
+
+
+def convert_in_process(layer: Layer) -> Case:
+    """Time lcow.layer.tar2ext4.convert_tar in a fresh Python process, around the call."""
+
+    def run(scratch: Path) -> Sample:
+        answer = run_child(
+            ["convert", "--input", str(layer.path), "--output", str(scratch / "layer.vhd")]
+        )
+        return Sample(answer["seconds"], answer["self_peak_rss_bytes"], answer)
+
+    return Case("convert_tar", is_reference=False, run=run)
+
+
+def convert_command(layer: Layer) -> Case:
+    """Time ``lcow tar2vhd`` from fork to exit, interpreter start-up included."""
+
+    def run(scratch: Path) -> Sample:
+        return run_command(
+            [
+                str(LCOW_COMMAND),
+                "tar2vhd",
+                "--no-progress",
+                str(layer.path),
+                str(scratch / "layer.vhd"),
+            ],
+            measure_rss=True,
+        )
+
+    return Case("lcow tar2vhd", is_reference=False, run=run)
+
+
+def export(store: Path, layer_id: str) -> Case:
+    """Time Driver.diff of a kept layer, the whole tar stream written to a file on the tmpfs."""
+
+    def run(scratch: Path) -> Sample:
+        answer = run_child(
+            [
+                "export",
+                "--root",
+                str(store),
+                "--layer-id",
+                layer_id,
+                "--output",
+                str(scratch / "export.tar"),
+            ]
+        )
+        return Sample(answer["seconds"], answer["children_peak_rss_bytes"], answer)
+
+    return Case("Diff", is_reference=False, run=run)
+
+
+def create_read_write(driver: Driver) -> Case:
+    """Time Driver.create_read_write with the cached sandbox made; the removal is untimed."""
+
+    def run(scratch: Path) -> Sample:
+        del scratch
+        layer_id = f"sandbox-{next(_layer_numbers)}"
+        started = time.perf_counter()
+        driver.create_read_write(layer_id)
+        seconds = time.perf_counter() - started
+        driver.remove(layer_id)
+        return Sample(seconds)
+
+    return Case("CreateReadWrite", is_reference=False, run=run)
+
+
+def service_vm_start(manager: ServiceVMManager) -> Case:
+    """Time a safe-mode service VM from ServiceVMManager.acquire to its terminate.
+
+    Acquire starts the worker and waits for its hello; the end of the ``with`` block stops it.
+    """
+
+    def run(scratch: Path) -> Sample:
+        del scratch
+        started = time.perf_counter()
+        with manager.acquire(f"start-{next(_layer_numbers)}"):
+            pass
+        return Sample(time.perf_counter() - started)
+
+    return Case("service VM start and stop", is_reference=False, run=run)
+
+
+def changes(driver: Driver, layer_id: str, parent: str) -> list[Case]:
+    """Time Driver.changes and Driver.diff_size of ``layer_id`` against its parent."""
+
+    def run_changes(scratch: Path) -> Sample:
+        del scratch
+        started = time.perf_counter()
+        listed = driver.changes(layer_id, parent)
+        return Sample(time.perf_counter() - started, detail={"changes": len(listed)})
+
+    def run_diff_size(scratch: Path) -> Sample:
+        del scratch
+        started = time.perf_counter()
+        size = driver.diff_size(layer_id, parent)
+        return Sample(time.perf_counter() - started, detail={"size_bytes": size})
+
+    return [
+        Case("Changes", is_reference=False, run=run_changes),
+        Case("DiffSize", is_reference=False, run=run_diff_size),
+    ]

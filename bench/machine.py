@@ -1,0 +1,60 @@
+"""A description of the machine and the output folder, printed with every result."""
+
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import lcow
+
+
+def _first_line(command: list[str]) -> str:
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+    except OSError:
+        return "not installed"
+    lines = (result.stdout or result.stderr).strip().splitlines()
+    return lines[0] if lines else "unknown"
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def _memory_bytes() -> int:
+    match = re.search(r"^MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
+    return int(match.group(1)) * 1024 if match else 0
+
+
+def _mount_of(folder: Path) -> str:
+    return _first_line(
+        ["findmnt", "--noheadings", "--target", str(folder), "-o", "TARGET,FSTYPE,SOURCE,OPTIONS"]
+    )
+
+
+def load_average() -> str:
+    one_minute, five_minutes, fifteen_minutes = os.getloadavg()
+    return f"{one_minute:.2f} {five_minutes:.2f} {fifteen_minutes:.2f}"
+
+
+def describe(output_folder: Path, input_folders: list[Path]) -> dict[str, Any]:
+    """Return the facts that a result depends on, as printable strings."""
+    return {
+        "cores (nproc)": _first_line(["nproc"]),
+        "memory": f"{_memory_bytes() / (1 << 30):.1f} GiB",
+        "cpu": _cpu_model(),
+        "kernel": platform.release(),
+        "python": sys.version.split()[0] + f" ({sys.executable})",
+        "lcow": lcow.__version__,
+        "gnu tar": _first_line(["tar", "--version"]),
+        "mke2fs": _first_line(["mke2fs", "-V"]),
+        "output folder": f"{output_folder}: {_mount_of(output_folder)}",
+        "input folders": "; ".join(f"{path}: {_mount_of(path)}" for path in input_folders),
+        "load average at start": load_average(),
+    }

@@ -1,0 +1,389 @@
+"""Service VM lifecycles in safe and global mode, worker isolation, and error paths.
+
+Safe mode starts one worker per operation and stops it when the operation ends. Global mode
+starts one worker for the driver's life, and Cleanup stops it. Whatever fails, no worker,
+scratch disk, temporary file or descriptor may outlive the operation. The kernel's view in
+/proc checks what the worker reports about its isolation.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Final
+
+import pytest
+
+pytest.register_assert_rewrite("driver_conformance")
+
+import driver_conformance as suite  # noqa: E402
+import tarbuild  # noqa: E402
+from lcow.driver import LAYER_IMAGE, Driver  # noqa: E402
+from lcow.errors import CorruptInputError, LcowError, ServiceVMError  # noqa: E402
+from lcow.servicevm.base import DEFAULT_STOP_TIMEOUT_S, ServiceVM  # noqa: E402
+from lcow.servicevm.process import ProcessServiceVM  # noqa: E402
+
+SAFE_OPTIONS: Final = ["lcow.globalmode=false"]
+GLOBAL_OPTIONS: Final = ["lcow.globalmode=true"]
+MODE_OPTIONS: Final = {"safe": SAFE_OPTIONS, "global": GLOBAL_OPTIONS}
+
+# /proc/<pid>/ns names of the namespaces the worker reports.
+NAMESPACE_FILES: Final = {
+    "user": "user",
+    "mount": "mnt",
+    "network": "net",
+    "pid": "pid",
+    "ipc": "ipc",
+}
+WORKER_MAX_OPEN_FILES: Final = 1024  # the worker's RLIMIT_NOFILE, lcow.servicevm.worker
+
+TIMEOUT_S: Final = 1.0  # lcow.timeout of the timeout test
+# A timed-out request takes its timeout, then the stop of the worker: up to
+# DEFAULT_STOP_TIMEOUT_S for the reply to a shutdown request and as long again for the exit
+# before the kill. The rest is a margin for a loaded host.
+TIMEOUT_BOUND_S: Final = TIMEOUT_S + 2 * DEFAULT_STOP_TIMEOUT_S + 5.0
+THREAD_END_LIMIT_S = 5.0
+TIMEOUT_TEST_LIMIT_S: Final = 120.0  # when the test stops waiting for ApplyDiff at all
+EARLY_CLOSE_BOUND_S: Final = DEFAULT_STOP_TIMEOUT_S
+LARGE_LAYER_FILES: Final = 8
+LARGE_LAYER_FILE_BYTES: Final = 1 << 20  # 8 MiB in all: far more than a pipe buffers
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "root"
+
+
+@pytest.fixture
+def safe_driver(root: Path) -> Iterator[Driver]:
+    driver = Driver(root, SAFE_OPTIONS)
+    yield driver
+    driver.cleanup()
+
+
+@pytest.fixture
+def global_driver(root: Path) -> Iterator[Driver]:
+    driver = Driver(root, GLOBAL_OPTIONS)
+    yield driver
+    driver.cleanup()
+
+
+def small_layer() -> io.BytesIO:
+    return suite.layer_tar([tarbuild.regular("file", suite.file_content(1, 0))])
+
+
+def large_layer() -> io.BytesIO:
+    members = [
+        tarbuild.regular(f"file-{index}", os.urandom(LARGE_LAYER_FILE_BYTES))
+        for index in range(LARGE_LAYER_FILES)
+    ]
+    return suite.layer_tar(members)
+
+
+def read_diff(driver: Driver, layer_id: str, parent: str | None) -> None:
+    with io.BufferedReader(driver.diff(layer_id, parent)) as diff:
+        diff.read()
+
+
+def get_and_put(driver: Driver, layer_id: str) -> None:
+    driver.get(layer_id)
+    driver.put(layer_id)
+
+
+def worker_pid(service_vm: ServiceVM) -> int:
+    """Return the host pid of the worker program, below ``unshare`` when namespaces are used."""
+    assert isinstance(service_vm, ProcessServiceVM)
+    pid = service_vm.pid()
+    while Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"unshare"):
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        assert len(children) == 1, f"unshare (pid {pid}) has the children {children}"
+        pid = int(children[0])
+    return pid
+
+
+def service_vm_threads() -> list[str]:
+    """List the live threads that the driver names after its service VM work."""
+    return sorted(
+        thread.name
+        for thread in threading.enumerate()
+        if thread.name.startswith("lcow-") or thread.name.endswith("-replies")
+    )
+
+
+# --- safe mode -----------------------------------------------------------------------------
+
+
+def test_safe_mode_worker_per_operation(safe_driver: Driver) -> None:
+    driver = safe_driver
+    before = suite.ProcessResources.capture()
+
+    steps: list[tuple[str, Callable[[], object], int]] = [
+        ("Create", lambda: driver.create("base"), 0),
+        ("ApplyDiff", lambda: driver.apply_diff("base", None, small_layer()), 1),
+        ("Changes", lambda: driver.changes("base", None), 1),
+        ("DiffSize", lambda: driver.diff_size("base", None), 1),
+        ("Diff", lambda: read_diff(driver, "base", None), 1),
+        (
+            "CreateReadWrite, formatting the cached sandbox",
+            lambda: driver.create_read_write("first", "base"),
+            1,
+        ),
+        (
+            "CreateReadWrite, cloning the cached sandbox",
+            lambda: driver.create_read_write("second", "base"),
+            0,
+        ),
+        (
+            "CreateReadWrite with a size",
+            lambda: driver.create_read_write(
+                "sized", "base", {"size": suite.NON_DEFAULT_SANDBOX_SIZE}
+            ),
+            1,
+        ),
+        ("Changes of a sandbox", lambda: driver.changes("sized", "base"), 1),
+        ("Diff of a sandbox", lambda: read_diff(driver, "sized", "base"), 1),
+        ("Get and Put", lambda: get_and_put(driver, "sized"), 0),
+        ("Remove", lambda: driver.remove("sized"), 0),
+    ]
+    for name, operation, started in steps:
+        count = driver.service_vms.started_count
+
+        operation()
+
+        assert driver.service_vms.started_count == count + started, name
+        assert driver.service_vms.running_names() == [], name
+        assert suite.scratch_disks(driver.root) == [], name
+        assert suite.child_pids() == before.children, name
+        assert suite.open_fd_count() == before.open_fds, name
+
+
+def test_diff_worker_until_close(safe_driver: Driver) -> None:
+    driver = safe_driver
+    driver.create("base")
+    driver.apply_diff("base", None, small_layer())
+    count = driver.service_vms.started_count
+
+    with io.BufferedReader(driver.diff("base", None)) as diff:
+        assert driver.service_vms.started_count == count + 1
+        assert driver.service_vms.running_names() == ["base_svm"]
+
+        diff.read()
+
+        assert driver.service_vms.running_names() == ["base_svm"]
+
+    assert driver.service_vms.running_names() == []
+    assert suite.scratch_disks(driver.root) == []
+
+
+# --- global mode ---------------------------------------------------------------------------
+
+
+def test_global_mode_one_worker(global_driver: Driver) -> None:
+    driver = global_driver
+    with driver.service_vms.acquire("first") as service_vm:
+        first_pid = worker_pid(service_vm)
+        assert service_vm.name == suite.GLOBAL_SERVICE_VM
+
+    suite.exercise_driver(driver)
+
+    assert driver.service_vms.started_count == 1
+    assert driver.service_vms.running_names() == [suite.GLOBAL_SERVICE_VM]
+    assert suite.scratch_disks(driver.root) == [f"{suite.GLOBAL_SERVICE_VM}.{os.getpid()}.vhdx"]
+
+    with driver.service_vms.acquire("last") as service_vm:
+        assert worker_pid(service_vm) == first_pid
+
+
+def test_global_cleanup_stops_worker(root: Path) -> None:
+    before = suite.ProcessResources.capture()
+    driver = Driver(root, GLOBAL_OPTIONS)
+    suite.exercise_driver(driver)
+    with driver.service_vms.acquire("probe") as service_vm:
+        pid = worker_pid(service_vm)
+
+    driver.cleanup()
+
+    assert driver.service_vms.running_names() == []
+    assert not service_vm.running
+    assert not Path(f"/proc/{pid}").exists()
+    assert suite.scratch_disks(root) == []
+    assert suite.child_pids() == before.children
+    assert suite.open_fd_count() == before.open_fds
+
+
+# --- isolation -----------------------------------------------------------------------------
+
+
+def test_worker_isolation(safe_driver: Driver) -> None:
+    with safe_driver.service_vms.acquire("probe") as service_vm:
+        assert isinstance(service_vm, ProcessServiceVM)
+        isolation = list(service_vm.isolation)
+        pid = worker_pid(service_vm)
+        status = Path(f"/proc/{pid}/status").read_text()
+        limits = Path(f"/proc/{pid}/limits").read_text()
+        namespaces = {
+            name: (
+                Path(f"/proc/{pid}/ns/{file}").readlink(),
+                Path(f"/proc/self/ns/{file}").readlink(),
+            )
+            for name, file in NAMESPACE_FILES.items()
+        }
+
+    assert "seccomp" in isolation
+    assert "rlimits" in isolation
+    if os.geteuid() == 0:
+        for name in NAMESPACE_FILES:
+            assert name in isolation, name
+
+    # The kernel's view must agree with the report.
+    assert "Seccomp:\t2" in status.splitlines()
+    open_files = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+    assert int(open_files.split()[3]) <= WORKER_MAX_OPEN_FILES
+    assert int(open_files.split()[4]) <= WORKER_MAX_OPEN_FILES
+    for name, (worker_namespace, own_namespace) in namespaces.items():
+        if name in isolation:
+            assert worker_namespace != own_namespace, name
+
+
+# --- error paths ---------------------------------------------------------------------------
+
+
+def corrupt_tar(kind: str) -> bytes:
+    """Return a layer tar broken in one way: a header checksum, or data cut short."""
+    archive = tarbuild.tar_bytes(
+        [
+            tarbuild.regular("directory/file", bytes(5000)),
+            tarbuild.regular("other", suite.file_content(1, 1)),
+        ]
+    )
+    if kind == "checksum":
+        broken = bytearray(archive)
+        broken[0] ^= 0x20  # the first byte of the first name: the stored checksum no longer fits
+        return bytes(broken)
+    return archive[: tarbuild.BLOCK_BYTES * 4]  # cut short inside the first member's data
+
+
+@pytest.mark.parametrize("mode", ["safe", "global"])
+@pytest.mark.parametrize("kind", ["checksum", "truncated"])
+def test_corrupt_tar_leaves_nothing(root: Path, mode: str, kind: str) -> None:
+    before_driver = suite.ProcessResources.capture()
+    driver = Driver(root, MODE_OPTIONS[mode])
+    try:
+        # A successful conversion first, so that the global worker runs already.
+        driver.create("valid")
+        driver.apply_diff("valid", None, small_layer())
+        running = driver.service_vms.running_names()
+        before = suite.ProcessResources.capture()
+        driver.create("corrupt")
+
+        with pytest.raises(CorruptInputError):
+            driver.apply_diff("corrupt", None, io.BytesIO(corrupt_tar(kind)))
+
+        assert not (root / "corrupt" / LAYER_IMAGE).exists()
+        assert suite.temporary_files(root) == []
+        assert driver.service_vms.running_names() == running
+        assert len(suite.scratch_disks(root)) == len(running)
+        assert suite.child_pids() == before.children
+        assert suite.open_fd_count() == before.open_fds
+    finally:
+        driver.cleanup()
+
+    assert driver.service_vms.running_names() == []
+    assert suite.scratch_disks(root) == []
+    assert suite.child_pids() == before_driver.children
+    assert suite.open_fd_count() == before_driver.open_fds
+
+
+def test_format_error_leaves_nothing(safe_driver: Driver) -> None:
+    driver = safe_driver
+    before = suite.ProcessResources.capture()
+
+    # mke2fs cannot fit an ext4 into 64 KiB, so the worker fails the request.
+    with pytest.raises(LcowError):
+        driver.create_read_write("tiny", None, {"size": "64K"})
+
+    assert not driver.exists("tiny")
+    assert suite.temporary_files(driver.root) == []
+    assert driver.service_vms.running_names() == []
+    assert suite.scratch_disks(driver.root) == []
+    assert suite.child_pids() == before.children
+    assert suite.open_fd_count() == before.open_fds
+
+
+def test_diff_closed_early(safe_driver: Driver) -> None:
+    driver = safe_driver
+    driver.create("large")
+    driver.apply_diff("large", None, large_layer())
+    before = suite.ProcessResources.capture()
+
+    diff = driver.diff("large", None)
+    assert len(diff.read(1024) or b"") == 1024
+    start = time.monotonic()
+    diff.close()
+    elapsed_s = time.monotonic() - start
+
+    assert driver.service_vms.running_names() == []
+    assert suite.scratch_disks(driver.root) == []
+    assert service_vm_threads() == []
+    assert suite.child_pids() == before.children
+    assert suite.open_fd_count() == before.open_fds
+    assert elapsed_s < EARLY_CLOSE_BOUND_S
+
+
+def test_timeout_leaves_nothing(root: Path) -> None:
+    """ApplyDiff from a stream that never ends fails after lcow.timeout and leaves nothing.
+
+    The stream is a pipe that the test keeps open, read without a buffer, so the driver
+    passes on the start of a tar that promises more data than ever comes.
+    """
+    driver = Driver(root, [*SAFE_OPTIONS, f"lcow.timeout={TIMEOUT_S:g}"])
+    driver.create("stalled")
+    header = tarbuild.regular("file", bytes(1 << 20)).info.tobuf(tarfile.PAX_FORMAT)
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    stream = os.fdopen(read_end, "rb", buffering=0)
+    errors: list[BaseException] = []
+
+    def apply() -> None:
+        try:
+            driver.apply_diff("stalled", None, stream)
+        except LcowError as err:
+            errors.append(err)
+
+    try:
+        os.write(write_end, header + bytes(4096))
+        before = suite.ProcessResources.capture()
+        thread = threading.Thread(target=apply, name="timeout-test-apply", daemon=True)
+        start = time.monotonic()
+        thread.start()
+        thread.join(TIMEOUT_TEST_LIMIT_S)
+        elapsed_s = time.monotonic() - start
+
+        assert not thread.is_alive()
+        assert len(errors) == 1
+        assert isinstance(errors[0], ServiceVMError)
+        assert not (root / "stalled" / LAYER_IMAGE).exists()
+        assert suite.temporary_files(root) == []
+        assert driver.service_vms.running_names() == []
+        assert suite.scratch_disks(root) == []
+        assert suite.child_pids() == before.children
+        assert suite.open_fd_count() == before.open_fds
+        assert elapsed_s <= TIMEOUT_BOUND_S
+
+        # A thread blocked in the caller's read cannot be interrupted; it holds no
+        # descriptor and ends as soon as the caller's stream does.
+        os.close(write_end)
+        write_end = -1
+        deadline = time.monotonic() + THREAD_END_LIMIT_S
+        while service_vm_threads() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert service_vm_threads() == []
+    finally:
+        if write_end >= 0:
+            os.close(write_end)
+        stream.close()
+        driver.cleanup()

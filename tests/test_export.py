@@ -1,0 +1,480 @@
+"""Export layer images as tar layers (Docker's Diff) and check the tars with GNU tar.
+
+A layer built from a table of tar members goes through ``lcow vhd2tar``. GNU tar lists and
+extracts the export, and the extraction must equal the kernel's view of the image after the
+whiteout rules. Round trips (tar to image to tar, twice) must reach a fixed point on every
+corpus layer and on random trees, and an empty layer must stay empty all the way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import io
+import os
+import shlex
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Final
+
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+
+import oracle
+import tarbuild
+import treegen
+from conftest import CORPUS_LAYER_NAMES
+from lcow.cli import main
+from lcow.layer.changes import LayerTree, MergedView, diff_size, layer_changes
+from lcow.layer.export import export_tar
+from lcow.layer.tar2ext4 import convert_tar
+from oracle import (
+    compare_trees,
+    expected_from_tar_extraction,
+    extract_with_gnu_tar,
+    format_differences,
+    loop_mount,
+    snapshot_tree,
+    split_lost_found,
+)
+from readback import gnu_tar_names, open_reader
+
+GIB: Final = 1 << 30
+MIB: Final = 1 << 20
+
+# --- one layer with every kind of entry ------------------------------------------------------
+
+LONG_DIRECTORY: Final = "long-" + "d" * 120
+LONG_FILE: Final = f"{LONG_DIRECTORY}/" + "f" * 150  # a 276-byte path
+LONG_SYMLINK_TARGET: Final = "../" * 10 + "t" * 120  # 150 bytes
+NS_MTIME: Final = "1700000000.123456789"
+CAPABILITY: Final = treegen.capability_value(effective=True, permitted=1 << 10, inheritable=0)
+
+LAYER_MEMBERS: Final = (
+    tarbuild.directory("d", mode=0o750, uid=1000, gid=1000),
+    tarbuild.regular("d/kept", b"kept\n"),
+    tarbuild.regular("d/.wh.removed", mode=0o600),
+    tarbuild.regular(".wh.gone"),
+    tarbuild.directory("opq"),
+    tarbuild.regular("opq/.wh..wh..opq"),
+    tarbuild.regular("opq/inner.txt", b"inner\n"),
+    tarbuild.directory("links"),
+    tarbuild.regular("links/z", b"shared content\n", mode=0o640, uid=1000, gid=1000),
+    tarbuild.hard_link("links/a", "links/z"),
+    tarbuild.directory("links/m"),
+    tarbuild.hard_link("links/m/deep", "links/z"),
+    tarbuild.directory(LONG_DIRECTORY),
+    tarbuild.regular(LONG_FILE, b"long\n"),
+    tarbuild.hard_link("zz-long-link", LONG_FILE),
+    tarbuild.symlink("long-symlink", LONG_SYMLINK_TARGET),
+    tarbuild.regular(
+        "xattrs.bin",
+        b"x",
+        pax_headers={
+            "SCHILY.xattr.user.comment": "hello",
+            "SCHILY.xattr.security.capability": treegen.pax_string(CAPABILITY),
+            "mtime": NS_MTIME,
+        },
+    ),
+    tarbuild.directory("dev"),
+    tarbuild.device("dev/null", tarfile.CHRTYPE, 1, 3, mode=0o666),
+    tarbuild.device("dev/nvme", tarfile.BLKTYPE, 259, 65536, mode=0o660),
+    tarbuild.fifo("dev/pipe", mode=0o640),
+    tarbuild.regular("setuid", b"#!/bin/sh\n", mode=0o4755),
+)
+
+# What the export contains: no root and no empty lost+found, whiteouts as .wh. names, an
+# opaque marker after its directory.
+EXPECTED_MEMBER_NAMES: Final = sorted(
+    [
+        ".wh.gone",
+        "d",
+        "d/.wh.removed",
+        "d/kept",
+        "dev",
+        "dev/null",
+        "dev/nvme",
+        "dev/pipe",
+        "links",
+        "links/a",
+        "links/m",
+        "links/m/deep",
+        "links/z",
+        LONG_DIRECTORY,
+        LONG_FILE,
+        "long-symlink",
+        "opq",
+        "opq/.wh..wh..opq",
+        "opq/inner.txt",
+        "setuid",
+        "xattrs.bin",
+        "zz-long-link",
+    ]
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Exported:
+    image: Path
+    tar_path: Path
+    members: dict[str, tarfile.TarInfo]
+    order: list[str]
+
+
+def read_members(tar_bytes: bytes) -> list[tarfile.TarInfo]:
+    with tarfile.open(
+        fileobj=io.BytesIO(tar_bytes), mode="r:", encoding="utf-8", errors="surrogateescape"
+    ) as archive:
+        return archive.getmembers()
+
+
+def vhd2tar(image: Path, output: Path, *options: str) -> None:
+    result = CliRunner().invoke(main, ["vhd2tar", *options, str(image), str(output)])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    folder = tmp_path_factory.mktemp("export")
+    layer_tar = folder / "layer.tar"
+    layer_tar.write_bytes(tarbuild.tar_bytes(LAYER_MEMBERS))
+    image = folder / "layer.vhd"
+    convert_tar(layer_tar, image)
+    tar_path = folder / "export.tar"
+
+    vhd2tar(image, tar_path)
+
+    members = read_members(tar_path.read_bytes())
+    return Exported(
+        image=image,
+        tar_path=tar_path,
+        members={oracle.normalize_member_name(m.name).decode(): m for m in members},
+        order=[oracle.normalize_member_name(m.name).decode() for m in members],
+    )
+
+
+def test_export_gnu_tar_lists(exported: Exported) -> None:
+    assert gnu_tar_names(exported.tar_path) == EXPECTED_MEMBER_NAMES
+
+
+def test_export_whiteouts(exported: Exported) -> None:
+    gone_whiteout = exported.members[".wh.gone"]
+    removed = exported.members["d/.wh.removed"]
+
+    assert gone_whiteout.type == tarfile.REGTYPE
+    assert gone_whiteout.size == 0
+    assert removed.type == tarfile.REGTYPE
+    assert removed.mode == 0o600
+
+
+def test_export_opaque_marker(exported: Exported) -> None:
+    marker = exported.members["opq/.wh..wh..opq"]
+
+    assert marker.type == tarfile.REGTYPE
+    assert exported.order.index("opq/.wh..wh..opq") > exported.order.index("opq")
+    assert exported.order.index("opq/.wh..wh..opq") < exported.order.index("opq/inner.txt")
+
+
+def test_export_hard_links(exported: Exported) -> None:
+    first = exported.members["links/a"]
+    deep = exported.members["links/m/deep"]
+    last = exported.members["links/z"]
+
+    assert first.type == tarfile.REGTYPE
+    assert first.size == len(b"shared content\n")
+    assert deep.type == tarfile.LNKTYPE
+    assert deep.linkname == "links/a"
+    assert last.type == tarfile.LNKTYPE
+    assert last.linkname == "links/a"
+
+
+def test_export_long_names(exported: Exported) -> None:
+    long_file = exported.members[LONG_FILE]
+    link_to_long = exported.members["zz-long-link"]
+    symlink = exported.members["long-symlink"]
+
+    assert long_file.type == tarfile.REGTYPE
+    assert link_to_long.type == tarfile.LNKTYPE
+    assert link_to_long.linkname == LONG_FILE
+    assert symlink.type == tarfile.SYMTYPE
+    assert symlink.linkname == LONG_SYMLINK_TARGET
+
+
+def test_export_xattrs(exported: Exported) -> None:
+    headers = exported.members["xattrs.bin"].pax_headers
+    capability = headers["SCHILY.xattr.security.capability"]
+
+    assert headers["SCHILY.xattr.user.comment"] == "hello"
+    assert capability.encode("utf-8", "surrogateescape") == CAPABILITY
+    assert not any(name.startswith("SCHILY.xattr.trusted.overlay.") for name in headers)
+
+
+def test_export_mtime_ns(exported: Exported) -> None:
+    assert exported.members["xattrs.bin"].pax_headers["mtime"] == NS_MTIME
+
+
+def test_export_special_files(exported: Exported) -> None:
+    null = exported.members["dev/null"]
+    nvme = exported.members["dev/nvme"]
+    pipe = exported.members["dev/pipe"]
+
+    assert (null.type, null.devmajor, null.devminor, null.mode) == (tarfile.CHRTYPE, 1, 3, 0o666)
+    assert (nvme.type, nvme.devmajor, nvme.devminor, nvme.mode) == (
+        tarfile.BLKTYPE,
+        259,
+        65536,
+        0o660,
+    )
+    assert (pipe.type, pipe.mode) == (tarfile.FIFOTYPE, 0o640)
+    assert exported.members["setuid"].mode == 0o4755
+
+
+@pytest.mark.root
+def test_export_extracts_to_image(exported: Exported, tmp_path: Path) -> None:
+    """GNU tar's extraction of the export, whiteouts converted, equals the mounted image."""
+    extract_with_gnu_tar(exported.tar_path, tmp_path / "extracted")
+    extracted = expected_from_tar_extraction(snapshot_tree(tmp_path / "extracted"))
+    del extracted[oracle.ROOT]
+
+    with loop_mount(exported.image) as mountpoint:
+        from_kernel, lost_found_problems = split_lost_found(snapshot_tree(mountpoint))
+    del from_kernel[oracle.ROOT]
+
+    assert lost_found_problems == []
+    differences = compare_trees(from_kernel, extracted)
+    assert differences == [], format_differences(differences)
+
+
+def test_export_deterministic(exported: Exported, tmp_path: Path) -> None:
+    again = tmp_path / "again.tar"
+    vhd2tar(exported.image, again)
+    in_process = io.BytesIO()
+    with open_reader(exported.image) as reader:
+        export_tar(reader, in_process)
+
+    assert again.read_bytes() == exported.tar_path.read_bytes()
+    assert in_process.getvalue() == exported.tar_path.read_bytes()
+
+
+# --- a file over 8 GiB -----------------------------------------------------------------------
+
+HUGE_FILE: Final = treegen.FileData(
+    8 * GIB + 4097,
+    (
+        treegen.DataRegion(0, 4096, 1),
+        treegen.DataRegion(4 * GIB + 512, 8192, 2),
+        treegen.DataRegion(8 * GIB, 4097, 3),
+    ),
+)
+
+
+def expected_bytes(data: treegen.FileData, start: int, length: int) -> bytes:
+    """Return bytes start..start+length of a file: zeros with its data regions laid over."""
+    content = bytearray(length)
+    for region in data.regions:
+        low = max(start, region.offset)
+        high = min(start + length, region.end)
+        if low < high:
+            piece = region.data()[low - region.offset : high - region.offset]
+            content[low - start : high - start] = piece
+    return bytes(content)
+
+
+def data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """Yield (offset, length) of the parts of a sparse file that hold data."""
+    position = 0
+    while position < size:
+        try:
+            start = os.lseek(fd, position, os.SEEK_DATA)
+        except OSError:
+            return
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, end - start
+        position = end
+
+
+@pytest.mark.root
+def test_export_huge_sparse_file(tmp_path: Path) -> None:
+    """A file over 8 GiB exports with its exact size, and GNU tar reads it from a pipe.
+
+    dd writes what GNU tar extracts with holes for all-zero blocks, so nothing near 8 GiB
+    reaches the disk.
+    """
+    layer_tar = tmp_path / "huge.tar"
+    tree = treegen.Tree(
+        (treegen.Entry("huge.bin", treegen.Kind.FILE, data=HUGE_FILE, sparse=True),)
+    )
+    with layer_tar.open("wb") as output:
+        treegen.write_tar(tree, output)
+    image = tmp_path / "huge.vhd"
+    convert_tar(layer_tar, image)
+    copy = tmp_path / "huge.copy"
+    sink = f"dd of={shlex.quote(str(copy))} bs=1M iflag=fullblock conv=sparse status=none"
+    tar = subprocess.Popen(
+        [oracle.require_tool("tar"), "--extract", "-vv", "--file=-", f"--to-command={sink}"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert tar.stdin is not None
+
+    with open_reader(image) as reader:
+        export_tar(reader, tar.stdin)
+    listing, errors = tar.communicate()
+
+    assert tar.returncode == 0, errors.decode()
+    assert listing.decode().split()[2] == str(HUGE_FILE.size)
+    assert copy.stat().st_size == HUGE_FILE.size
+    fd = os.open(copy, os.O_RDONLY)
+    try:
+        ranges = list(data_ranges(fd, HUGE_FILE.size))
+        for start, length in ranges:
+            assert os.pread(fd, length, start) == expected_bytes(HUGE_FILE, start, length)
+    finally:
+        os.close(fd)
+    covered = sum(length for _, length in ranges)
+    assert covered < 64 * MIB
+    for region in HUGE_FILE.regions:
+        assert any(
+            start <= region.offset and region.end <= start + length for start, length in ranges
+        )
+
+
+# --- round trips -----------------------------------------------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    with path.open("rb") as content:
+        return hashlib.file_digest(content, "sha256").hexdigest()
+
+
+def export_file(image: Path, tar_path: Path) -> None:
+    with open_reader(image) as reader, tar_path.open("wb") as output:
+        export_tar(reader, output)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundTrip:
+    """Digests of tar0 -> image1 -> tar1 -> image2 -> tar2 -> image3."""
+
+    tar_digests: tuple[str, str]  # tar1, tar2
+    image_digests: tuple[str, str]  # image2, image3
+
+
+def round_trip(source: Path, folder: Path) -> RoundTrip:
+    tars = [source]
+    images = []
+    for step in (1, 2, 3):
+        image = folder / f"image{step}.img"
+        convert_tar(tars[-1], image, vhd_footer=False)
+        images.append(image)
+        if step < 3:
+            tars.append(folder / f"tar{step}.tar")
+            export_file(image, tars[-1])
+    return RoundTrip(
+        tar_digests=(sha256_file(tars[1]), sha256_file(tars[2])),
+        image_digests=(sha256_file(images[1]), sha256_file(images[2])),
+    )
+
+
+@pytest.fixture(scope="module", params=CORPUS_LAYER_NAMES)
+def corpus_round_trip(
+    request: pytest.FixtureRequest, corpus: Path, tmp_path_factory: pytest.TempPathFactory
+) -> RoundTrip:
+    name: str = request.param
+    folder = tmp_path_factory.mktemp(f"{name}-round-trip")
+    try:
+        return round_trip(corpus / f"{name}.tar", folder)
+    finally:
+        # The images and tars of the large layers take hundreds of MB each.
+        shutil.rmtree(folder)
+
+
+def test_corpus_round_trip_tars(corpus_round_trip: RoundTrip) -> None:
+    first, second = corpus_round_trip.tar_digests
+    assert first == second
+
+
+def test_corpus_round_trip_images(corpus_round_trip: RoundTrip) -> None:
+    first, second = corpus_round_trip.image_digests
+    assert first == second
+
+
+@pytest.fixture(scope="module")
+def work_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    folder = tmp_path_factory.mktemp("round-trip-property")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=oracle.in_ci(),
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(tree=treegen.trees(max_entries=15))
+def test_random_tree_round_trip(tree: treegen.Tree, work_folder: Path) -> None:
+    folder = Path(tempfile.mkdtemp(dir=work_folder))
+    try:
+        source = folder / "tar0.tar"
+        with source.open("wb") as output:
+            treegen.write_tar(tree, output)
+
+        result = round_trip(source, folder)
+
+        assert result.tar_digests[0] == result.tar_digests[1]
+        assert result.image_digests[0] == result.image_digests[1]
+    finally:
+        shutil.rmtree(folder)
+
+
+# --- the empty layer -------------------------------------------------------------------------
+
+EMPTY_STREAMS: Final = {
+    "zero bytes": b"",
+    "end marker": tarbuild.END_OF_ARCHIVE,
+    "gzip end marker": gzip.compress(tarbuild.END_OF_ARCHIVE, mtime=0),
+}
+
+
+@pytest.fixture(params=sorted(EMPTY_STREAMS))
+def empty_image(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    source = tmp_path / "empty.tar"
+    source.write_bytes(EMPTY_STREAMS[request.param])
+    image = tmp_path / "empty.vhd"
+    convert_tar(source, image)
+    return image
+
+
+def test_empty_layer_image(empty_image: Path) -> None:
+    with open_reader(empty_image) as reader:
+        paths = [path for path, _ in reader.walk()]
+
+    assert paths == [b"lost+found"]
+
+
+def test_empty_layer_export(empty_image: Path, tmp_path: Path) -> None:
+    tar_path = tmp_path / "export.tar"
+
+    vhd2tar(empty_image, tar_path)
+
+    assert read_members(tar_path.read_bytes()) == []
+    assert gnu_tar_names(tar_path) == []
+
+
+def test_empty_layer_changes(empty_image: Path) -> None:
+    with open_reader(empty_image) as reader:
+        layer = LayerTree(reader)
+        changes = layer_changes(layer, MergedView([]))
+        size = diff_size(changes, MergedView([layer]))
+
+    assert changes == []
+    assert size == 0
