@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 CORPUS_LAYERS: Final = ("L1-base", "L2-umoci", "L2-buildah", "L3-node-modules", "L4-big-files")
 PIP_PACKAGES: Final = ("numpy", "scipy", "pandas", "matplotlib", "sympy", "scikit-learn")
 MANY_SMALL_MIN_ENTRIES: Final = 100_000
-MANY_SMALL_MIN_BYTES: Final = 2 << 30  # of tar stream
+MANY_SMALL_MIN_BYTES: Final = 2 << 30  # of tar, estimated as file bytes plus 2 % for headers
 GENERATED_NAMES: Final = ("many-small-files.tar", "huge-files.tar", "many-small-files.tar.gz")
 HUGE_FILE_COUNT: Final = 3
 HUGE_FILE_BYTES: Final = 720 << 20  # 3 x 720 MiB = 2.11 GiB

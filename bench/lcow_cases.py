@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from bench.inputs import Layer
-from bench.timing import Case, Sample, run_command
+from bench.timing import Case, Sample, run_command, stop_process_group
 from lcow.driver import Driver
 from lcow.servicevm.manager import ServiceVMManager
 
@@ -20,19 +20,26 @@ _layer_numbers = itertools.count(1)
 
 def run_child(arguments: list[str]) -> dict[str, Any]:
     """Run ``python -m bench.child`` with ``arguments``; return the JSON it prints."""
-    result = subprocess.run(
+    # A session of its own lets an interrupted run stop the child and its service VM too.
+    process = subprocess.Popen(
         [sys.executable, "-m", "bench.child", *arguments],
         cwd=REPOSITORY,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        check=False,
+        start_new_session=True,
     )
-    if result.returncode != 0:
+    try:
+        output, errors = process.communicate()
+    except BaseException:
+        stop_process_group(process)
+        raise
+    if process.returncode != 0:
         raise RuntimeError(
-            f"bench.child {arguments[0]} failed with exit status {result.returncode}: "
-            f"{result.stderr.strip()[-2000:]}"
+            f"bench.child {arguments[0]} failed with exit status {process.returncode}: "
+            f"{errors.strip()[-2000:]}"
         )
-    answer: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    answer: dict[str, Any] = json.loads(output.strip().splitlines()[-1])
     return answer
 
 

@@ -5,8 +5,10 @@ the machine, of page-cache state and of CPU frequency over both sides instead of
 them fall on one.
 """
 
+import contextlib
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from lcow.errors import LcowError
 
 KIB: int = 1024
 GNU_TIME: str = "/usr/bin/time"  # Debian package time
+STOP_TIMEOUT_S: float = 10.0  # for the members of an interrupted command's session to exit
 # Exceptions of a failing case: lcow's errors, a command's exit status, the file system.
 CASE_ERRORS = (LcowError, OSError, RuntimeError, subprocess.SubprocessError, ValueError)
 
@@ -102,6 +105,24 @@ def run_interleaved(
     return results
 
 
+def stop_process_group(process: "subprocess.Popen[Any]") -> None:
+    """Kill the session that ``process`` leads and wait until every member has exited.
+
+    The output folder can be unmounted only when no process has a file open in it, and the
+    members (a shell's children, a service VM worker) are not children of this process.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.01)
+
+
 def run_command(
     command: Sequence[str],
     *,
@@ -122,8 +143,20 @@ def run_command(
         with tempfile.TemporaryFile() as errors:
             # A file, not a pipe, so a command that writes much to stderr cannot block on it.
             started = time.perf_counter()
-            process = subprocess.Popen([*prefix, *command], stdout=stdout, stderr=errors, cwd=cwd)
-            _, status, _ = os.wait4(process.pid, 0)
+            # A session of its own lets an interrupted run stop the command's children too.
+            process = subprocess.Popen(
+                [*prefix, *command],
+                stdout=stdout,
+                stderr=errors,
+                cwd=cwd,
+                start_new_session=True,
+            )
+            try:
+                _, status, _ = os.wait4(process.pid, 0)
+            except BaseException:
+                # Interrupted (SIGTERM, Ctrl-C): stop the command so its outputs can be removed.
+                stop_process_group(process)
+                raise
             seconds = time.perf_counter() - started
             process.returncode = os.waitstatus_to_exitcode(status)
             errors.seek(0)
