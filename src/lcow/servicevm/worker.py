@@ -314,8 +314,24 @@ def _copy_sparse(source: Path, destination_fd: int) -> int:
     return size
 
 
+def _code_under(folder: str) -> bool:
+    """Tell whether Python or lcow itself is loaded from below ``folder``."""
+    import lcow  # noqa: PLC0415 - only its location is needed
+
+    places = [sys.prefix, sys.base_prefix, *lcow.__path__, *sys.path]
+    prefix = folder.rstrip("/") + "/"
+    return any(os.path.realpath(place or ".").startswith(prefix) for place in places)
+
+
 def _private_tmp() -> bool:
-    """Mount an empty tmpfs on /tmp, so temporary files never reach the host's /tmp."""
+    """Mount an empty tmpfs on /tmp, so temporary files never reach the host's /tmp.
+
+    Skipped when the interpreter or lcow lives below /tmp (a checkout there, for example):
+    covering it would hide the code the worker still imports.
+    """
+    if _code_under("/tmp"):  # noqa: S108 - the path is inspected, nothing is written
+        log.info("worker shares the host's /tmp: Python or lcow is installed below it")
+        return False
     result: int = _libc().mount(b"tmpfs", b"/tmp", b"tmpfs", 0, b"mode=1777")
     if result != 0:
         log.warning("worker shares the host's /tmp: %s", os.strerror(_errno()))
@@ -353,11 +369,18 @@ def _limit_resources() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (MAX_ADDRESS_SPACE_BYTES, MAX_ADDRESS_SPACE_BYTES))
 
 
-def _install_seccomp() -> bool:
+def _load_seccomp() -> Any:
+    """Import pyseccomp before any mount can hide it; None when libseccomp is missing."""
     try:
-        import pyseccomp as seccomp  # noqa: PLC0415 - loads libseccomp, which may be missing
+        import pyseccomp  # noqa: PLC0415 - loads libseccomp, which may be missing
     except (ImportError, OSError) as err:
         log.warning("worker runs without a seccomp filter: %s", err)
+        return None
+    return pyseccomp
+
+
+def _install_seccomp(seccomp: Any) -> bool:
+    if seccomp is None:
         return False
     syscall_filter = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
     for name in DENIED_SYSCALLS:
@@ -380,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     isolation = [name for name in arguments.namespaces.split(",") if name]
+    seccomp = _load_seccomp()
     if "mount" in isolation:
         if _private_tmp():
             isolation.append("private-tmp")
@@ -387,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             isolation.append("hidden-store")
     _limit_resources()
     isolation.append("rlimits")
-    if _install_seccomp():
+    if _install_seccomp(seccomp):
         isolation.append("seccomp")
 
     channel = socket.socket(fileno=arguments.channel_fd)
