@@ -455,6 +455,7 @@ def test_hard_link_target_escapes(target: str, tmp_path: Path) -> None:
     error = convert_rejected(archive, tmp_path)
 
     assert "usr/bin/perlthanks" in str(error)
+    assert target in str(error)
     assert "leaves the layer root" in str(error)
 
 

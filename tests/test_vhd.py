@@ -27,6 +27,7 @@ from lcow.vhd import (
     parse_footer,
     verify_checksum,
 )
+from oracle import skip_or_fail
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -47,7 +48,7 @@ def replace_bytes(footer: bytes, offset: int, value: bytes) -> bytes:
 def qemu_img() -> str:
     path = shutil.which("qemu-img")
     if path is None:
-        pytest.skip("qemu-img not found; install it with `apt-get install -y qemu-utils`")
+        skip_or_fail("qemu-img not found; install it with `apt-get install -y qemu-utils`")
     return path
 
 

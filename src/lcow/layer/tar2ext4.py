@@ -187,7 +187,13 @@ class _Converter:
 
     def _apply_hard_link(self, entry: TarEntry, path: list[bytes]) -> None:
         assert entry.hardlink is not None
-        target_path = split_path(entry.hardlink, entry=entry.path)
+        try:
+            target_path = split_path(entry.hardlink, entry=entry.hardlink)
+        except InvalidArgumentError as err:
+            raise InvalidArgumentError(
+                f"invalid hard link {_show(entry.path)}: its target {_show(entry.hardlink)} "
+                "leaves the layer root"
+            ) from err
         target = self.writer.lookup(target_path)
         if target is None:
             raise InvalidArgumentError(

@@ -1,0 +1,136 @@
+"""Converter rules and image properties checked with e2fsprogs and the kernel."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from lcow.errors import CorruptInputError
+from oracle import loop_mount, run_tool
+from tarbuild import regular, tar_bytes
+from test_layer_edge_cases import convert_layer, convert_rejected
+
+NS = 1_000_000_000
+
+
+def test_image_profile_features(tmp_path: Path) -> None:
+    image = convert_layer(tar_bytes([regular("f", b"x")]), tmp_path)
+
+    header = run_tool(["dumpe2fs", "-h", str(image)]).stdout
+    features = set(re.search(r"Filesystem features:\s+(.*)", header).group(1).split())  # type: ignore[union-attr]
+
+    assert features == {
+        "ext_attr",
+        "filetype",
+        "extent",
+        "flex_bg",
+        "sparse_super",
+        "large_file",
+        "huge_file",
+        "dir_nlink",
+        "extra_isize",
+        "metadata_csum",
+    }
+    assert "Block size:               4096" in header
+    assert "Inode size:\t          256" in header
+    assert "Journal" not in header
+
+
+def test_zstd_equals_plain(tmp_path: Path) -> None:
+    archive = tar_bytes([regular("etc/hostname", b"lcow\n"), regular("bin/true", b"\x7fELF")])
+    plain = convert_layer(archive, tmp_path / "plain")
+    (tmp_path / "z").mkdir()
+    compressed = tmp_path / "z" / "layer.tar.zst"
+    compressed.write_bytes(zstandard.ZstdCompressor().compress(archive))
+
+    from lcow.layer.tar2ext4 import convert_tar
+
+    stats = convert_tar(compressed, tmp_path / "z" / "layer.vhd")
+
+    assert stats.compression == "zstd"
+    assert (tmp_path / "z" / "layer.vhd").read_bytes() == plain.read_bytes()
+
+
+@pytest.mark.root
+def test_times_kept(tmp_path: Path) -> None:
+    headers = {
+        "mtime": "1700000000.123456789",
+        "atime": "1600000000.5",
+        "ctime": "1650000000.25",
+        "LIBARCHIVE.creationtime": "1500000000.75",
+    }
+    image = convert_layer(tar_bytes([regular("f", b"x", pax_headers=headers)]), tmp_path)
+
+    with loop_mount(image) as root:
+        status = os.lstat(root / "f")
+    crtime = run_tool(["debugfs", "-R", "stat /f", str(image)]).stdout
+
+    assert status.st_mtime_ns == 1_700_000_000 * NS + 123_456_789
+    assert status.st_atime_ns == 1_600_000_000 * NS + 500_000_000
+    assert status.st_ctime_ns == 1_650_000_000 * NS + 250_000_000
+    # debugfs prints the seconds field and the extra field (nanoseconds << 2) in hex.
+    assert f"crtime: {1_500_000_000:#010x}:{750_000_000 << 2:08x}" in crtime
+
+
+@pytest.mark.root
+def test_times_default_to_mtime(tmp_path: Path) -> None:
+    image = convert_layer(tar_bytes([regular("f", b"x", mtime=1_700_000_000)]), tmp_path)
+
+    with loop_mount(image) as root:
+        status = os.lstat(root / "f")
+
+    assert status.st_atime_ns == 1_700_000_000 * NS
+    assert status.st_ctime_ns == 1_700_000_000 * NS
+
+
+def test_gzip_wrong_length_rejected(tmp_path: Path) -> None:
+    compressed = bytearray(gzip.compress(tar_bytes([regular("f", b"payload")])))
+    compressed[-1] ^= 0x01  # ISIZE, the uncompressed length modulo 2**32
+
+    error = convert_rejected(bytes(compressed), tmp_path, CorruptInputError)
+
+    assert "gzip" in str(error)
+
+
+@pytest.mark.root
+def test_whiteout_after_same_layer_file(tmp_path: Path) -> None:
+    archive = tar_bytes([regular("keep.txt", b"mine\n"), regular(".wh.keep.txt")])
+
+    image = convert_layer(archive, tmp_path)
+
+    with loop_mount(image) as root:
+        assert (root / "keep.txt").read_bytes() == b"mine\n"
+        assert sorted(path.name for path in root.iterdir()) == ["keep.txt", "lost+found"]
+
+
+@pytest.mark.root
+def test_file_after_same_layer_whiteout(tmp_path: Path) -> None:
+    archive = tar_bytes([regular(".wh.keep.txt"), regular("keep.txt", b"new\n")])
+
+    image = convert_layer(archive, tmp_path)
+
+    with loop_mount(image) as root:
+        assert (root / "keep.txt").read_bytes() == b"new\n"
+
+
+@pytest.mark.root
+def test_interior_components_normalised(tmp_path: Path) -> None:
+    archive = tar_bytes(
+        [
+            regular("a/./b.txt", b"1"),
+            regular("a//c.txt", b"2"),
+            regular("a/x/../d.txt", b"3"),
+        ]
+    )
+
+    image = convert_layer(archive, tmp_path)
+
+    with loop_mount(image) as root:
+        # ".." removes the component before it, so "a/x" is never created.
+        assert sorted(path.name for path in (root / "a").iterdir()) == ["b.txt", "c.txt", "d.txt"]
+        assert (root / "a" / "d.txt").read_bytes() == b"3"
