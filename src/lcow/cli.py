@@ -24,6 +24,7 @@ from lcow.ext4.writer import DEFAULT_MAX_SIZE_BYTES
 from lcow.layer.export import export_tar
 from lcow.layer.tar2ext4 import atomic_output, convert_tar
 from lcow.layer.tarstream import READ_CHUNK_BYTES
+from lcow.options import parse_size
 
 log = logging.getLogger(__name__)
 
@@ -45,21 +46,9 @@ class _CountingReader(io.RawIOBase):
         return int(count or 0)
 
 
-def _parse_size(value: str) -> int:
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    text = value.strip().upper().removesuffix("B").removesuffix("I")
-    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "")
-    try:
-        return int(float(number) * units[unit])
-    except ValueError as err:
-        raise click.BadParameter(
-            f"invalid size {value!r}: use bytes or a K, M, G, T suffix"
-        ) from err
-
-
 @dataclass
 class CliContext:
-    """What the options of ``lcow`` itself set, shared by every subcommand (``ctx.obj``)."""
+    """The settings of ``lcow``'s own options, shared by every subcommand (``ctx.obj``)."""
 
     root: Path | None
     storage_opts: tuple[str, ...]
@@ -135,7 +124,10 @@ def tar2vhd(source: str, output: str, raw: bool, max_size: str, progress: bool |
     OUTPUT is an ext4 filesystem followed by a 512-byte fixed-VHD footer, or the bare ext4
     with --raw. OUTPUT appears only when the conversion succeeds.
     """
-    max_size_bytes = _parse_size(max_size)
+    try:
+        max_size_bytes = parse_size(max_size)
+    except LcowError as err:
+        raise click.BadParameter(str(err), param_hint="--max-size") from err
     show_progress = sys.stderr.isatty() if progress is None else progress
     total = None
     if source != "-":

@@ -55,6 +55,7 @@ from lcow.errors import (
 )
 from lcow.ext4.writer import DEFAULT_MAX_SIZE_BYTES
 from lcow.hostmount import HostMounts
+from lcow.layer.tar2ext4 import fsync_directory
 from lcow.options import DriverOptions, parse_size
 from lcow.servicevm.base import ServiceVM
 from lcow.servicevm.manager import ServiceVMManager
@@ -101,14 +102,6 @@ def validate_id(layer_id: str) -> str:
             f"ending in {REMOVING_SUFFIX!r}"
         )
     return layer_id
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -272,7 +265,7 @@ class Driver:
         return None
 
     def _disk_of(self, folder: Path) -> tuple[Path, str | None] | None:
-        """The disk holding a layer's own content and the folder in it; None if empty."""
+        """Return the disk with a layer's own content and the folder in it; None if empty."""
         image = folder / LAYER_IMAGE
         if image.exists():
             return image, None
@@ -314,8 +307,8 @@ class Driver:
                     os.write(fd, json.dumps(chain).encode())
                     os.fsync(fd)
                     temporary.replace(folder / LAYER_CHAIN)
-                _fsync_directory(folder)
-                _fsync_directory(self.root)
+                fsync_directory(folder)
+                fsync_directory(self.root)
             except BaseException:
                 shutil.rmtree(folder, ignore_errors=True)
                 raise
@@ -352,7 +345,7 @@ class Driver:
             clone_file(self._cached_sandbox(), folder / name)
         else:
             self._format_sandbox(layer_id, folder / name, size_bytes)
-        _fsync_directory(folder)
+        fsync_directory(folder)
 
     def _cached_sandbox(self) -> Path:
         cached = self.root / "cache" / SANDBOX_NAMES[self.options.sandbox_format]
@@ -390,10 +383,10 @@ class Driver:
             return
         if self.references(layer_id):
             raise FailedPreconditionError(
-                f"failed to remove layer {layer_id}: this process holds it (Get without Put)"
+                f"failed to remove layer {layer_id}: this process uses it (Get without Put)"
             )
-        # dockerd sends Remove right after it gives up on an ApplyDiff, while that call may
-        # still be winding down; wait a little for it before calling the layer in use.
+        # dockerd sends Remove right after it gives up on an ApplyDiff, and that call may still
+        # be winding down. So wait a little for it before calling the layer in use.
         lock = _wait_exclusive(folder / LOCK_FILE, REMOVE_WAIT_S)
         if lock is None:
             raise FailedPreconditionError(
@@ -412,7 +405,7 @@ class Driver:
             folder.rename(removing)
         except FileNotFoundError:
             return
-        _fsync_directory(self.root)
+        fsync_directory(self.root)
         shutil.rmtree(removing, ignore_errors=True)
         if removing.exists():
             log.warning("could not delete all of %s; Cleanup will retry", removing)
@@ -547,7 +540,7 @@ class Driver:
         lock = _try_exclusive(folder / LOCK_FILE)
         if lock is None:
             raise AlreadyExistsError(
-                f"failed to apply diff to layer {layer_id}: another operation holds the layer"
+                f"failed to apply diff to layer {layer_id}: another operation is using the layer"
             )
         try:
             if (folder / LAYER_IMAGE).exists():
@@ -607,7 +600,7 @@ class Driver:
                 ) from feeder.error
             os.fsync(fd)
             temporary.replace(folder / LAYER_IMAGE)
-        _fsync_directory(folder)
+        fsync_directory(folder)
         log.info(
             "applied diff to layer %s: %d entries, %d bytes",
             layer_id,
@@ -762,7 +755,7 @@ class _Feeder(threading.Thread):
                     while view:
                         view = view[os.write(self._fd, view) :]
         except BrokenPipeError:
-            pass  # the worker stopped reading; its reply says why
+            pass  # the worker stopped reading, and its reply gives the reason
         except Exception as err:  # noqa: BLE001 - any failure of the caller's stream
             # The worker would see a clean end of the stream; keep the error so ApplyDiff
             # fails instead of storing the part that arrived.

@@ -104,7 +104,7 @@ class _Root:
     images: list[Path] = field(default_factory=list)
     users: int = 0
     is_mount: bool = True
-    uses_empty: bool = False  # holds the read-only empty tmpfs
+    uses_empty: bool = False  # uses the read-only empty tmpfs
 
 
 class HostMounts:

@@ -68,7 +68,7 @@ class FileDevice:
 
 @dataclass(slots=True)
 class InodeInfo:
-    """What an inode holds, decoded; times in ns since the epoch."""
+    """A decoded inode, with times in ns since the epoch."""
 
     number: int
     mode: int
@@ -483,7 +483,6 @@ class Ext4Reader:
         seed = self._inode_seed(number, generation)
         extents: list[_Extent] = []
         visited: set[int] = set()
-        max_blocks = -(-size // self.block_size) if size else 0
         self._walk_node(number, i_block, None, seed, fmt.EXT_MAX_DEPTH, visited, extents)
 
         previous_end = 0
@@ -493,7 +492,6 @@ class Ext4Reader:
             if extent.physical + extent.length > self.blocks_count or extent.physical == 0:
                 raise self._corrupt(f"inode {number} has an extent outside the filesystem")
             previous_end = extent.logical + extent.length
-        del max_blocks
         return extents
 
     def _walk_node(
@@ -603,7 +601,7 @@ class Ext4Reader:
         if info.flags & fmt.InodeFlags.INLINE_DATA:
             data = self._inline_data(number, raw, info)
             # Inline directories start with the parent's inode number instead of "." and "..".
-            yield from self._parse_dirents(number, data, 4, len(data), check_tail=False)
+            yield from self._parse_dirents(number, data, 4, len(data))
             return
         generation = int.from_bytes(raw[0x64:0x68], "little")
         seed = self._inode_seed(number, generation)
@@ -674,12 +672,11 @@ class Ext4Reader:
             elif not flags & fmt.InodeFlags.INDEX:
                 raise self._corrupt(f"directory inode {number} has a block without a checksum tail")
         end = tail_offset if has_tail else block_size
-        yield from self._parse_dirents(number, block, 0, end, check_tail=True)
+        yield from self._parse_dirents(number, block, 0, end)
 
     def _parse_dirents(
-        self, number: int, data: bytes, offset: int, end: int, *, check_tail: bool
+        self, number: int, data: bytes, offset: int, end: int
     ) -> Iterator[tuple[bytes, int, int]]:
-        del check_tail
         while offset + fmt.DIR_ENTRY_HEADER.size <= end:
             inode, rec_len, name_len, file_type = fmt.DIR_ENTRY_HEADER.unpack_from(data, offset)
             if rec_len in (0, 65535) and self.block_size == 65536:

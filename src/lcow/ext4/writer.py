@@ -38,7 +38,7 @@ _FAST_SYMLINK_MAX_BYTES: Final = fmt.INODE_BLOCK_SIZE_BYTES - 1  # the target ke
 
 @dataclass(frozen=True, slots=True)
 class Metadata:
-    """What an entry sets on its inode: permission bits, owner, times in ns, xattrs."""
+    """The metadata an entry sets on its inode: permission bits, owner, times in ns, xattrs."""
 
     permissions: int  # the 12 low mode bits, setuid, setgid and sticky included
     uid: int
@@ -295,7 +295,7 @@ class Ext4Writer:
 
         A merge keeps the opaque marker: it describes the lower layers, whatever the order
         of the entries. A directory that replaces a whiteout becomes opaque, because the
-        whiteout said the lower layers' directory is gone.
+        whiteout marked the lower layers' directory as deleted.
         """
         parent, name = self._parent_of(path)
         existing = self.root if parent is None else self._child(parent, name)
@@ -639,7 +639,7 @@ class _Finisher:
             for number, name, file_type in entries:
                 size = _dir_entry_size(len(name))
                 if used + size > tail_offset:
-                    self._close_dir_block(block, last_entry, used)
+                    self._close_dir_block(block, last_entry)
                     blocks.append(block)
                     block = bytearray(BLOCK)
                     used = 0
@@ -647,7 +647,7 @@ class _Finisher:
                 block[used + 8 : used + 8 + len(name)] = name
                 last_entry = used
                 used += size
-            self._close_dir_block(block, last_entry, used)
+            self._close_dir_block(block, last_entry)
             blocks.append(block)
 
             seed = self._inode_seed(inode.number)
@@ -676,12 +676,11 @@ class _Finisher:
             inode.extents = pack_extents(extents)
 
     @staticmethod
-    def _close_dir_block(block: bytearray, last_entry: int, used: int) -> None:
+    def _close_dir_block(block: bytearray, last_entry: int) -> None:
         # The last real entry's rec_len reaches the checksum tail, as e2fsck requires.
         tail_offset = BLOCK - fmt.DIR_ENTRY_TAIL.size
         record_length = tail_offset - last_entry
         block[last_entry + 4 : last_entry + 6] = record_length.to_bytes(2, "little")
-        del used
 
     # Extent trees and xattr blocks --------------------------------------------------------
 
@@ -843,7 +842,6 @@ class _Finisher:
             )
             checksum = crc32c_raw(self.seed, group.to_bytes(4, "little"))
             checksum = crc32c_raw(checksum, descriptor)
-            fmt.GROUP_DESC.size  # noqa: B018 - documents the descriptor length used below
             descriptor[fmt.GROUP_DESC_CHECKSUM_OFFSET :] = (checksum & 0xFFFF).to_bytes(2, "little")
             offset = group * fmt.GROUP_DESC.size
             descriptors[offset : offset + fmt.GROUP_DESC.size] = descriptor
@@ -871,13 +869,8 @@ class _Finisher:
     def _block_bitmaps(
         self, groups: int, blocks_count: int, free_runs: list[tuple[int, int]]
     ) -> list[bytearray]:
-        bitmaps = []
-        for group in range(groups):
-            bitmap = bytearray(b"\xff" * BLOCK)
-            group_blocks = min(fmt.BLOCKS_PER_GROUP, blocks_count - group * fmt.BLOCKS_PER_GROUP)
-            # Bits past the end of the filesystem stay set: e2fsck requires that padding.
-            del group_blocks
-            bitmaps.append(bitmap)
+        # Bits past the end of the filesystem stay set: e2fsck requires that padding.
+        bitmaps = [bytearray(b"\xff" * BLOCK) for _ in range(groups)]
         for start, length in free_runs:
             for block in range(start, min(start + length, blocks_count)):
                 group, index = divmod(block, fmt.BLOCKS_PER_GROUP)

@@ -60,7 +60,7 @@ IMPLICIT_METADATA: Final = Metadata(
 
 @dataclass(frozen=True, slots=True)
 class ConversionStats:
-    """What one conversion read and wrote."""
+    """Statistics of one conversion: what it read and wrote."""
 
     entries: int
     size_bytes: int  # summed sizes of the tar entries, as Docker's ApplyDiff reports
@@ -111,8 +111,8 @@ class _Converter:
             try:
                 xattrs.append(xattr_codec.make_xattr(name, value))
             except UnsupportedError as err:
-                # Docker's applier skips xattrs the filesystem cannot hold; so does lcow,
-                # and says so once per name.
+                # Docker's applier skips xattrs the filesystem cannot store. lcow does the
+                # same and logs a warning once per name.
                 if name not in self._skipped_xattr_names:
                     self._skipped_xattr_names.add(name)
                     log.warning("skipped xattr in entry %s: %s", _show(entry.path), err)
@@ -312,8 +312,7 @@ def convert_tar(
                 stream, output.fileno(), max_size_bytes=max_size_bytes, on_read=on_read
             )
             if vhd_footer:
-                unique_id = hashlib.sha256(b"lcow vhd unique id\0" + digest).digest()[:16]
-                vhd.append_footer(output.fileno(), stats.image_size_bytes, unique_id)
+                vhd.append_footer(output.fileno(), stats.image_size_bytes, vhd_unique_id(digest))
     return stats
 
 
@@ -335,7 +334,12 @@ def atomic_output(destination: Path, mode: int = 0o644) -> Iterator[IO[bytes]]:
             os.fchmod(output.fileno(), mode)
         os.replace(temporary, destination)
         undo.pop_all()
-    _fsync_directory(destination.parent)
+    fsync_directory(destination.parent)
+
+
+def vhd_unique_id(digest: bytes) -> bytes:
+    """Derive the VHD footer's unique id from the SHA-256 of the uncompressed tar."""
+    return hashlib.sha256(b"lcow vhd unique id\0" + digest).digest()[:16]
 
 
 def _remove_quietly(path: str) -> None:
@@ -343,7 +347,8 @@ def _remove_quietly(path: str) -> None:
         os.unlink(path)
 
 
-def _fsync_directory(path: Path) -> None:
+def fsync_directory(path: Path) -> None:
+    """Flush a folder's entries to disk, so a rename into it survives a crash."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

@@ -61,7 +61,7 @@ class ServiceVM(abc.ABC):
     @property
     @abc.abstractmethod
     def running(self) -> bool:
-        """Whether the worker is alive."""
+        """Return whether the worker is alive."""
 
     # Channel --------------------------------------------------------------------------------
 
@@ -91,9 +91,7 @@ class ServiceVM(abc.ABC):
         except (OSError, ValueError, ServiceVMError) as err:
             log.info("service VM %s channel closed: %s", self.name, err)
         with self._lock:
-            self._closed_error = ServiceVMError(
-                f"service VM {self.name} stopped before it answered"
-            )
+            self._closed_error = ServiceVMError(f"service VM {self.name} stopped before it replied")
             pending, self._pending = self._pending, {}
         for future in pending.values():
             future.set_exception(self._closed_error)

@@ -69,12 +69,12 @@ def namespace_support() -> tuple[tuple[str, ...], tuple[str, ...]]:
         if probe.returncode == 0:
             if names != NAMESPACE_SETS[0][0]:
                 log.warning(
-                    "the kernel refused some namespaces; service VM workers use only %s",
+                    "failed to create some namespaces; service VM workers use only %s",
                     ", ".join(names),
                 )
             return names, (unshare, *options)
         log.info("unshare %s failed: %s", " ".join(options), probe.stderr.strip())
-    log.warning("the kernel refused new namespaces: service VM workers share the host's")
+    log.warning("failed to create namespaces: service VM workers share the host's")
     return (), ()
 
 
@@ -160,7 +160,7 @@ class ProcessServiceVM(ServiceVM):
         self.channel = None
 
     def pid(self) -> int:
-        """The pid of the backend's own child process (``unshare`` when namespaces are used)."""
+        """Return the pid of the backend's own child (``unshare`` when namespaces are used)."""
         return self.process.pid if self.process else 0
 
 

@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import ctypes
 import errno
-import hashlib
 import logging
 import os
 import resource
@@ -35,7 +34,7 @@ from lcow.errors import LcowError, ServiceVMError
 from lcow.ext4.reader import Ext4Reader
 from lcow.layer import changes as changes_module
 from lcow.layer.export import export_tar
-from lcow.layer.tar2ext4 import convert_stream
+from lcow.layer.tar2ext4 import convert_stream, vhd_unique_id
 from lcow.servicevm import protocol
 
 log = logging.getLogger("lcow.servicevm.worker")
@@ -218,7 +217,7 @@ class Worker:
                         reader, output, subdirectory=subdirectory.encode() if subdirectory else None
                     )
         finally:
-            # The reader of the stream sees its end when the last write end closes.
+            # The reader of the stream gets end-of-file when the last write end closes.
             self.op_detach({"slot": request["output"]})
         return {"entries": entries}
 
@@ -269,11 +268,6 @@ class Worker:
         reader = Ext4Reader(disk.device, disk.size_bytes)
         top = reader.lookup(subdirectory.encode()) if subdirectory else 2
         return changes_module.LayerTree(reader, top)
-
-
-def vhd_unique_id(digest: bytes) -> bytes:
-    """Derive the VHD unique id from the tar's digest, as convert_tar does."""
-    return hashlib.sha256(b"lcow vhd unique id\0" + digest).digest()[:16]
 
 
 def _mke2fs(fd: int, size_bytes: int, content: Path) -> None:
