@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import itertools
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
 import pytest
 
-from lcow.errors import CorruptInputError, UnsupportedError
+from lcow.errors import CorruptInputError, InvalidArgumentError, UnsupportedError
 from lcow.ext4 import format as fmt
 from lcow.ext4.checksum import crc32c_raw, filesystem_seed
-from lcow.ext4.extents import Extent, build_tree, pack_extents, tree_blocks_needed
+from lcow.ext4.extents import (
+    Extent,
+    build_tree,
+    pack_extents,
+    tree_blocks_needed,
+    unpack_extents,
+)
 from lcow.ext4.layout import BlockAllocator, backup_groups
-from lcow.ext4.writer import encode_device, encode_time
+from lcow.ext4.writer import Ext4Writer, Metadata, encode_device, encode_time
 from lcow.ext4.xattr import entry_hash, make_xattr, posix_acl_to_disk, split_inode_and_block
+from lcow.layer.tar2ext4 import split_path
 
 NS = 1_000_000_000
 
@@ -106,6 +118,20 @@ def test_allocator_contiguous_records_gap() -> None:
     assert allocator.free_runs == [(fmt.BLOCKS_PER_GROUP - 3, 3)]
 
 
+def test_allocator_repeated_runs_skip_superblock_copy() -> None:
+    allocator = BlockAllocator.for_max_size(1 << 40)
+    reserved = allocator.regions[1].end - allocator.regions[1].start
+    allocator.next_block = fmt.BLOCKS_PER_GROUP - 25
+
+    runs = [allocator.allocate(10) for _ in range(3)]
+
+    assert runs == [
+        [(fmt.BLOCKS_PER_GROUP - 25, 10)],
+        [(fmt.BLOCKS_PER_GROUP - 15, 10)],
+        [(fmt.BLOCKS_PER_GROUP - 5, 5), (fmt.BLOCKS_PER_GROUP + reserved, 5)],
+    ]
+
+
 def test_allocator_rejects_past_limit() -> None:
     allocator = BlockAllocator.for_max_size(64 << 20)
 
@@ -197,3 +223,92 @@ def test_posix_acl_to_disk_short_entries() -> None:
 def test_posix_acl_rejects_bad_version() -> None:
     with pytest.raises(CorruptInputError, match="version 7"):
         posix_acl_to_disk((7).to_bytes(4, "little"))
+
+
+# (tar name, components): names without ".", ".." or empty components take a shortcut.
+SPLIT_PATH_CASES = [
+    (b"usr/bin/env", [b"usr", b"bin", b"env"]),
+    (b"usr/bin/", [b"usr", b"bin"]),
+    (b"./usr/bin", [b"usr", b"bin"]),
+    (b"/usr//bin/./env", [b"usr", b"bin", b"env"]),
+    (b"usr/lib/../bin", [b"usr", b"bin"]),
+    (b"", []),
+    (b"./", []),
+    (b"a" * 200 + b"/" + b"b" * 200, [b"a" * 200, b"b" * 200]),
+]
+
+
+@pytest.mark.parametrize(("raw", "components"), SPLIT_PATH_CASES)
+def test_split_path_table(raw: bytes, components: list[bytes]) -> None:
+    assert split_path(raw, entry=raw) == components
+
+
+def test_split_path_rejects_long_component() -> None:
+    raw = b"usr/" + b"x" * 256
+
+    with pytest.raises(InvalidArgumentError, match="256 bytes"):
+        split_path(raw, entry=raw)
+
+
+META = Metadata(0o644, 0, 0, 0, 0, 0, 0)
+BLOCK = fmt.BLOCK_SIZE_BYTES
+
+
+def write_one_file(
+    image: Path, size: int, chunks: Sequence[tuple[int, bytes]]
+) -> tuple[bytes, list[Extent]]:
+    """Write an image with one regular file; return the image and the file's extents."""
+    fd = os.open(image, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        writer = Ext4Writer(fd, implicit_meta=META, max_size_bytes=64 << 20)
+        inode = writer.add_regular_file([b"file"], META, size, chunks)
+        extents = unpack_extents(inode.extents)
+        writer.close(b"test image")
+    finally:
+        os.close(fd)
+    return image.read_bytes(), extents
+
+
+def block_at(image: bytes, number: int) -> bytes:
+    return image[number * BLOCK : (number + 1) * BLOCK]
+
+
+@pytest.mark.parametrize("cuts", [[100], [BLOCK], [BLOCK + 1], [5000, 5001], [1, 2, 3 * BLOCK]])
+def test_file_data_chunking_same_image(tmp_path: Path, cuts: list[int]) -> None:
+    data = bytes(range(256)) * 40  # 10240 bytes: two whole blocks and a partial one
+    whole, _ = write_one_file(tmp_path / "whole.img", len(data), [(0, data)])
+    bounds = [0, *cuts, len(data)]
+    chunks = [(start, data[start:end]) for start, end in itertools.pairwise(bounds)]
+
+    split, _ = write_one_file(tmp_path / "split.img", len(data), chunks)
+
+    assert split == whole
+
+
+def test_file_data_chunk_continues_block(tmp_path: Path) -> None:
+    chunks = [(0, b"a" * 10), (20, b"b" * 10)]
+
+    image, extents = write_one_file(tmp_path / "file.img", 30, chunks)
+
+    assert len(extents) == 1
+    assert extents[0].length == 1
+    assert block_at(image, extents[0].physical) == (
+        b"a" * 10 + bytes(10) + b"b" * 10 + bytes(BLOCK - 30)
+    )
+
+
+def test_file_data_hole_skips_blocks(tmp_path: Path) -> None:
+    chunks = [(0, b"a" * 10), (3 * BLOCK + 5, b"b" * 10)]
+
+    image, extents = write_one_file(tmp_path / "file.img", 3 * BLOCK + 15, chunks)
+
+    assert [(extent.logical, extent.length) for extent in extents] == [(0, 1), (3, 1)]
+    assert block_at(image, extents[0].physical) == b"a" * 10 + bytes(BLOCK - 10)
+    assert block_at(image, extents[1].physical) == bytes(5) + b"b" * 10 + bytes(BLOCK - 15)
+
+
+def test_file_data_rejects_earlier_chunk(tmp_path: Path) -> None:
+    chunks = [(2 * BLOCK, b"a" * 10), (0, b"b" * 10)]
+
+    with pytest.raises(InvalidArgumentError, match="increasing offset order"):
+        write_one_file(tmp_path / "file.img", 2 * BLOCK + 10, chunks)

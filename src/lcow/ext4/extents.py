@@ -44,12 +44,11 @@ class ExtentTree:
 
 def pack_extents(extents: Sequence[Extent]) -> bytes:
     """Encode extents as consecutive 12-byte ext4_extent entries, without a header."""
-    out = bytearray()
-    for extent in extents:
-        out += fmt.EXTENT.pack(
-            extent.logical, extent.length, extent.physical >> 32, extent.physical & 0xFFFFFFFF
-        )
-    return bytes(out)
+    pack = fmt.EXTENT.pack
+    return b"".join(
+        pack(extent.logical, extent.length, extent.physical >> 32, extent.physical & 0xFFFFFFFF)
+        for extent in extents
+    )
 
 
 def unpack_extents(packed: bytes) -> list[Extent]:
@@ -77,6 +76,18 @@ def _header(entries: int, max_entries: int, depth: int) -> bytes:
     return fmt.EXTENT_HEADER.pack(fmt.EXT4_EXT_MAGIC, entries, max_entries, depth, 0)
 
 
+# The headers of a root that is a leaf, by entry count: the same few bytes for most inodes.
+_LEAF_ROOT_HEADERS: Final = tuple(
+    _header(entries, fmt.INODE_EXTENT_SLOTS, 0) for entries in range(fmt.INODE_EXTENT_SLOTS + 1)
+)
+
+
+def leaf_root(packed: bytes) -> bytes:
+    """Return the 60-byte i_block of a tree whose root is a leaf: at most four packed extents."""
+    root = _LEAF_ROOT_HEADERS[len(packed) // fmt.EXTENT.size] + packed
+    return root.ljust(fmt.INODE_BLOCK_SIZE_BYTES, b"\0")
+
+
 def build_tree(extent_count: int, packed: bytes, allocate_block: Callable[[], int]) -> ExtentTree:
     """Build the tree for ``extent_count`` packed extents.
 
@@ -85,8 +96,7 @@ def build_tree(extent_count: int, packed: bytes, allocate_block: Callable[[], in
     ``allocate_block`` returns the block number for each node, leaves first.
     """
     if extent_count <= fmt.INODE_EXTENT_SLOTS:
-        root = _header(extent_count, fmt.INODE_EXTENT_SLOTS, 0) + packed
-        return ExtentTree(root.ljust(fmt.INODE_BLOCK_SIZE_BYTES, b"\0"), [])
+        return ExtentTree(leaf_root(packed[: extent_count * fmt.EXTENT.size]), [])
 
     node_blocks: list[tuple[int, bytearray]] = []
     # Each level is a list of (first logical block, encoded entry bytes) for the level above.

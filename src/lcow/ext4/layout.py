@@ -52,6 +52,10 @@ class BlockAllocator:
     next_block: int = 0
     free_runs: list[tuple[int, int]] = field(default_factory=list)  # (start, length)
     _region_starts: list[int] = field(default_factory=list)
+    # A range [start, end) of blocks without a region and below max_blocks, which lets
+    # allocate() skip the region search; regions never move, so it stays valid.
+    _clear_start: int = 0
+    _clear_end: int = 0
 
     @classmethod
     def for_max_size(cls, max_size_bytes: int) -> "BlockAllocator":
@@ -95,6 +99,24 @@ class BlockAllocator:
 
     def allocate(self, count: int) -> list[tuple[int, int]]:
         """Allocate ``count`` blocks as few runs as the reserved regions allow."""
+        start = self.next_block
+        if self._clear_start <= start and start + count <= self._clear_end:
+            self.next_block = start + count
+            return [(start, count)] if count else []
+        runs = self._allocate_runs(count)
+        self._find_clear_range()
+        return runs
+
+    def _find_clear_range(self) -> None:
+        start = self.next_block
+        if self._region_at(start) is not None:
+            self._clear_start = self._clear_end = 0
+            return
+        following = self._region_after(start)
+        self._clear_start = start
+        self._clear_end = min(following.start if following else self.max_blocks, self.max_blocks)
+
+    def _allocate_runs(self, count: int) -> list[tuple[int, int]]:
         runs: list[tuple[int, int]] = []
         while count:
             region = self._region_at(self.next_block)

@@ -12,10 +12,12 @@ Reference: the kernel's ext4 disk-layout documentation and fs/ext4/ext4.h.
 """
 
 import dataclasses
+import functools
 import hashlib
 import os
+import struct
 import uuid as uuid_module
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -24,16 +26,31 @@ from lcow.errors import InvalidArgumentError, UnsupportedError
 from lcow.ext4 import format as fmt
 from lcow.ext4 import xattr as xattr_codec
 from lcow.ext4.checksum import crc32c_raw, filesystem_seed
-from lcow.ext4.extents import Extent, build_tree, pack_extents
+from lcow.ext4.extents import Extent, build_tree, leaf_root, pack_extents
 from lcow.ext4.layout import BlockAllocator, backup_groups, descriptor_blocks
 
 BLOCK: Final = fmt.BLOCK_SIZE_BYTES
 DEFAULT_MAX_SIZE_BYTES: Final = 1 << 40  # 1 TiB; reserves 64 blocks per superblock copy
 LOST_AND_FOUND: Final = b"lost+found"
-_DATA_BUFFER_BYTES: Final = 8 << 20  # small files are gathered into writes of this size
+_DATA_BUFFER_BYTES: Final = 1 << 20  # small files are gathered into writes of this size
+# A larger piece goes out at once: copying it into the buffer would cost more than a call.
+_DIRECT_WRITE_BYTES: Final = 128 << 10
 _MAX_FILE_LINKS: Final = fmt.EXT4_LINK_MAX
 WHITEOUT_DEVICE: Final = bytes(fmt.INODE_BLOCK_SIZE_BYTES)  # i_block of char device 0/0
 _FAST_SYMLINK_MAX_BYTES: Final = fmt.INODE_BLOCK_SIZE_BYTES - 1  # the target keeps a NUL
+_ZERO_BLOCK: Final = bytes(BLOCK)
+
+# Bound once for the per-inode and per-entry loops of close().
+_INODE_PACK_INTO: Final = fmt.INODE.pack_into
+_U16_PACK_INTO: Final = struct.Struct("<H").pack_into
+_EXTENT_LENGTH: Final = struct.Struct("<H")
+_EXTENTS_FL: Final = int(fmt.InodeFlags.EXTENTS)
+_FILE_TYPE_BY_MODE: Final = {mode: int(kind) for mode, kind in fmt.FILE_TYPE_BY_MODE.items()}
+_S_IFMT: Final = fmt.S_IFMT
+_S_IFDIR: Final = fmt.S_IFDIR
+_S_IFLNK: Final = fmt.S_IFLNK
+_DEVICE_KINDS: Final = frozenset((fmt.S_IFCHR, fmt.S_IFBLK))
+_EXTENT_KINDS: Final = frozenset((fmt.S_IFREG, fmt.S_IFDIR, fmt.S_IFLNK))  # i_block is a tree
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,34 +68,79 @@ class Metadata:
 
 
 class Inode:
-    """An inode in memory until close; ``children`` and ``parent`` are set for directories."""
+    """An inode in memory until close; ``children`` and ``parent`` are set for directories.
+
+    The metadata fields are stored in the inode itself, not in a :class:`Metadata`, because a
+    layer can have 100,000 inodes or more and every extra object costs a header and its fields.
+    """
 
     __slots__ = (
         "children",
-        "data_blocks",
-        "extent_count",
         "extents",
+        "gid",
         "links",
-        "meta",
         "mode",
         "number",
         "parent",
         "payload",
         "size",
+        "times_ns",
+        "uid",
+        "xattrs",
     )
 
     def __init__(self, number: int, mode: int, meta: Metadata) -> None:
         self.number = number
         self.mode = mode  # file type and permission bits, as i_mode
-        self.meta = meta
         self.links = 0
         self.size = 0
-        self.data_blocks = 0
-        self.extent_count = 0
         self.extents = b""  # packed ext4_extent entries, see extents.pack_extents
         self.payload = b""  # symlink target, or the encoded i_block of a device
         self.children: dict[bytes, int] | None = None
         self.parent = 0
+        self.uid = meta.uid
+        self.gid = meta.gid
+        self.xattrs = meta.xattrs
+        self.times_ns = _times(meta)
+
+    @property
+    def meta(self) -> Metadata:
+        """The metadata of the inode; the permission bits come from ``mode``."""
+        times_ns = self.times_ns
+        if isinstance(times_ns, int):
+            mtime_ns = atime_ns = ctime_ns = crtime_ns = times_ns
+        else:
+            mtime_ns, atime_ns, ctime_ns, crtime_ns = times_ns
+        return Metadata(
+            self.mode & 0o7777,
+            self.uid,
+            self.gid,
+            mtime_ns,
+            atime_ns,
+            ctime_ns,
+            crtime_ns,
+            self.xattrs,
+        )
+
+    @meta.setter
+    def meta(self, meta: Metadata) -> None:
+        # The caller sets the permission bits in ``mode``, together with the file type.
+        self.uid = meta.uid
+        self.gid = meta.gid
+        self.xattrs = meta.xattrs
+        self.times_ns = _times(meta)
+
+    @property
+    def extent_count(self) -> int:
+        return len(self.extents) // fmt.EXTENT.size
+
+    @property
+    def data_blocks(self) -> int:
+        """The number of data blocks, without extent index blocks: the sum of extent lengths."""
+        if len(self.extents) == fmt.EXTENT.size:
+            length: int = _EXTENT_LENGTH.unpack_from(self.extents, 4)[0]  # ee_len
+            return length
+        return sum(extent[1] for extent in fmt.EXTENT.iter_unpack(self.extents))
 
     @property
     def is_dir(self) -> bool:
@@ -86,6 +148,17 @@ class Inode:
 
     def __repr__(self) -> str:
         return f"Inode(number={self.number}, mode={self.mode:#o}, links={self.links})"
+
+
+def _times(meta: Metadata) -> int | tuple[int, int, int, int]:
+    """Return the one time in ns when all four are equal (the usual case), else all four.
+
+    The order of the four is mtime, atime, ctime, crtime.
+    """
+    mtime_ns = meta.mtime_ns
+    if meta.atime_ns == mtime_ns and meta.ctime_ns == mtime_ns and meta.crtime_ns == mtime_ns:
+        return mtime_ns
+    return mtime_ns, meta.atime_ns, meta.ctime_ns, meta.crtime_ns
 
 
 def encode_time(time_ns: int) -> tuple[int, int]:
@@ -117,7 +190,11 @@ def encode_device(major: int, minor: int) -> bytes:
 
 
 class _DataSink:
-    """Gather writes that continue each other into large pwrite calls."""
+    """Gather writes that continue each other into large pwrite calls.
+
+    A write that lies within the gathered bytes replaces them there, so the writes reach the
+    file with the same result as if each were written at once, in order.
+    """
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
@@ -125,16 +202,23 @@ class _DataSink:
         self._start = 0
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        if self._buffer and offset != self._start + len(self._buffer):
+        buffer = self._buffer
+        end = self._start + len(buffer)
+        if offset != end and buffer:
+            if self._start <= offset and offset + len(data) <= end:
+                position = offset - self._start
+                buffer[position : position + len(data)] = data
+                return
             self.flush()
-        if not self._buffer:
+            buffer = self._buffer
+        if not buffer:
             self._start = offset
-        if len(data) >= _DATA_BUFFER_BYTES:
+        if len(data) >= _DIRECT_WRITE_BYTES:
             self.flush()
             _pwrite_all(self._fd, data, offset)
             return
-        self._buffer += data
-        if len(self._buffer) >= _DATA_BUFFER_BYTES:
+        buffer += data
+        if len(buffer) >= _DATA_BUFFER_BYTES:
             self.flush()
 
     def flush(self) -> None:
@@ -151,76 +235,51 @@ def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> N
         offset += written
 
 
-class _FileData:
-    """Place one regular file's data: whole blocks straight out, partial blocks gathered."""
+def _add_extent(extents: list[list[int]], logical: int, physical: int, length: int) -> None:
+    """Append a run to ``extents`` ([logical, physical, length] lists), merging when it follows."""
+    while length:
+        last = extents[-1] if extents else None
+        if (
+            last is not None
+            and last[0] + last[2] == logical
+            and last[1] + last[2] == physical
+            and last[2] < fmt.EXT_INIT_MAX_LEN
+        ):
+            grow = min(length, fmt.EXT_INIT_MAX_LEN - last[2])
+            last[2] += grow
+        else:
+            grow = min(length, fmt.EXT_INIT_MAX_LEN)
+            extents.append([logical, physical, grow])
+        logical += grow
+        physical += grow
+        length -= grow
 
-    def __init__(self, writer: "Ext4Writer") -> None:
-        self._writer = writer
-        self.extents: list[list[int]] = []  # [logical, physical, length]
-        self.blocks = 0
-        self._pending: bytearray | None = None
-        self._pending_block = -1
 
-    def add(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            logical = offset // BLOCK
-            within = offset % BLOCK
-            if self._pending is not None and logical != self._pending_block:
-                self._flush_pending()
-            if within or len(view) < BLOCK:
-                if self._pending is None:
-                    self._pending = bytearray(BLOCK)
-                    self._pending_block = logical
-                count = min(BLOCK - within, len(view))
-                self._pending[within : within + count] = view[:count]
-                offset += count
-                view = view[count:]
-                if within + count == BLOCK:
-                    self._flush_pending()
-                continue
-            whole = len(view) // BLOCK * BLOCK
-            self._place(logical, view[:whole])
-            offset += whole
-            view = view[whole:]
-
-    def finish(self) -> None:
-        if self._pending is not None:
-            self._flush_pending()
-
-    def _flush_pending(self) -> None:
-        assert self._pending is not None
-        self._place(self._pending_block, self._pending)
-        self._pending = None
-
-    def _place(self, logical: int, data: bytes | bytearray | memoryview) -> None:
-        count = len(data) // BLOCK
-        consumed = 0
-        for start, length in self._writer.allocator.allocate(count):
-            self._writer.sink.write(
-                start * BLOCK, data[consumed * BLOCK : (consumed + length) * BLOCK]
-            )
-            self._add_extent(logical + consumed, start, length)
-            consumed += length
-        self.blocks += count
-
-    def _add_extent(self, logical: int, physical: int, length: int) -> None:
-        while length:
-            last = self.extents[-1] if self.extents else None
-            if (
-                last is not None
-                and last[0] + last[2] == logical
-                and last[1] + last[2] == physical
-                and last[2] < fmt.EXT_INIT_MAX_LEN
-            ):
-                grow = min(length, fmt.EXT_INIT_MAX_LEN - last[2])
-                last[2] += grow
-            else:
-                grow = min(length, fmt.EXT_INIT_MAX_LEN)
-                self.extents.append([logical, physical, grow])
-            logical += grow
-            physical += grow
-            length -= grow
+def _write_runs(
+    write: Callable[[int, bytes | bytearray | memoryview], None],
+    runs: list[tuple[int, int]],
+    within: int,
+    data: memoryview,
+    extents: list[list[int]],
+    logical: int,
+) -> None:
+    """Write ``within`` zeros, ``data`` and zeros up to a block boundary across ``runs``."""
+    position = -within  # the index in ``data`` of the first byte of the current run
+    for start, length in runs:
+        offset = start * BLOCK
+        run_end = position + length * BLOCK
+        if position < 0:
+            write(offset, _ZERO_BLOCK[:-position])
+            offset -= position
+            position = 0
+        piece = data[position:run_end]
+        write(offset, piece)
+        padding = run_end - position - len(piece)
+        if padding:
+            write(offset + len(piece), _ZERO_BLOCK[:padding])
+        _add_extent(extents, logical, start, length)
+        logical += length
+        position = run_end
 
 
 class Ext4Writer:
@@ -250,6 +309,8 @@ class Ext4Writer:
         self.allocator = BlockAllocator.for_max_size(max_size_bytes)
         self.sink = _DataSink(fd)
         self._inodes: list[Inode | None] = [None] * fmt.EXT4_GOOD_OLD_FIRST_INO
+        self._shared_ints: dict[int, int] = {}
+        self._last_times_ns: int | tuple[int, int, int, int] = 0
         self._closed = False
 
         root = Inode(fmt.EXT4_ROOT_INO, fmt.S_IFDIR | 0o755, implicit_meta)
@@ -336,18 +397,66 @@ class Ext4Writer:
         Chunks come in increasing offset order; the gaps between them are holes.
         """
         parent, name = self._require_parent(path)
-        placement = _FileData(self)
-        for offset, data in chunks:
-            placement.add(offset, data)
-        placement.finish()
+        extents = self._write_data(chunks)
 
         inode = self._new_inode(fmt.S_IFREG | meta.permissions, meta)
         inode.size = size
-        inode.data_blocks = placement.blocks
-        inode.extent_count = len(placement.extents)
-        inode.extents = pack_extents([Extent(lo, ph, ln) for lo, ph, ln in placement.extents])
+        inode.extents = extents
         self._replace(parent, name, inode)
         return inode
+
+    def _write_data(self, chunks: Iterable[tuple[int, bytes | bytearray | memoryview]]) -> bytes:
+        """Write a file's data to new blocks; return its packed extents.
+
+        Every block that a chunk touches is allocated, in logical order, and written at once:
+        zeros before a chunk that starts inside a new block, zeros after one that ends inside
+        a block. A chunk that starts inside the block placed last overwrites its zeros.
+        """
+        allocate = self.allocator.allocate
+        write = self.sink.write
+        extents: list[list[int]] = []
+        next_logical = 0  # the logical block after the last one placed
+        last_physical = 0  # the physical block of the last one placed
+
+        for offset, chunk in chunks:
+            data = chunk
+            length = len(data)
+            if not length:
+                continue
+            logical, within = divmod(offset, BLOCK)
+            if logical < next_logical:
+                if logical != next_logical - 1:
+                    raise InvalidArgumentError(
+                        f"invalid file data at byte {offset}: chunks must come in increasing "
+                        "offset order"
+                    )
+                count = min(BLOCK - within, length)
+                view = memoryview(data)
+                write(last_physical * BLOCK + within, view[:count])
+                if count == length:
+                    continue
+                data = view[count:]
+                length -= count
+                logical += 1
+                within = 0
+
+            count = (within + length + BLOCK - 1) // BLOCK
+            runs = allocate(count)
+            if len(runs) == 1 and not within:
+                # The common case: one run from a block boundary.
+                start = runs[0][0]
+                write(start * BLOCK, data)
+                padding = count * BLOCK - length
+                if padding:
+                    write(start * BLOCK + length, _ZERO_BLOCK[:padding])
+                _add_extent(extents, logical, start, count)
+            else:
+                _write_runs(write, runs, within, memoryview(data), extents, logical)
+            last_run_start, last_run_length = runs[-1]
+            last_physical = last_run_start + last_run_length - 1
+            next_logical = logical + count
+
+        return pack_extents([Extent(lo, ph, ln) for lo, ph, ln in extents])
 
     def add_symlink(self, path: Sequence[bytes], meta: Metadata, target: bytes) -> Inode:
         """Create a symlink; short targets live in i_block, longer ones in a data block."""
@@ -364,12 +473,7 @@ class Ext4Writer:
         if len(target) <= _FAST_SYMLINK_MAX_BYTES:
             inode.payload = target
         else:
-            placement = _FileData(self)
-            placement.add(0, target)
-            placement.finish()
-            inode.data_blocks = placement.blocks
-            inode.extent_count = len(placement.extents)
-            inode.extents = pack_extents([Extent(lo, ph, ln) for lo, ph, ln in placement.extents])
+            inode.extents = self._write_data([(0, target)])
         self._replace(parent, name, inode)
         return inode
 
@@ -405,20 +509,11 @@ class Ext4Writer:
     def set_xattr(self, inode: Inode, xattr: xattr_codec.Xattr) -> None:
         """Set one attribute on ``inode``, replacing one of the same name."""
         kept = tuple(
-            x for x in inode.meta.xattrs if (x.name_index, x.name) != (xattr.name_index, xattr.name)
+            x for x in inode.xattrs if (x.name_index, x.name) != (xattr.name_index, xattr.name)
         )
         xattrs = (*kept, xattr)
         xattr_codec.split_inode_and_block(xattrs)  # raises now if they cannot be stored
-        inode.meta = Metadata(
-            inode.meta.permissions,
-            inode.meta.uid,
-            inode.meta.gid,
-            inode.meta.mtime_ns,
-            inode.meta.atime_ns,
-            inode.meta.ctime_ns,
-            inode.meta.crtime_ns,
-            xattrs,
-        )
+        inode.xattrs = xattrs
 
     def ensure_directory(self, path: Sequence[bytes], *, entry: Sequence[bytes] = ()) -> Inode:
         """Return the directory at ``path``, creating it and its parents implicitly.
@@ -467,7 +562,17 @@ class Ext4Writer:
         if meta.xattrs:
             xattr_codec.split_inode_and_block(meta.xattrs)  # raises if they cannot be stored
         number = len(self._inodes)
-        inode = Inode(number, mode, meta)
+        # Inodes share the int objects of repeated values, because in CPython each int above
+        # 256 is a separate object of about 32 bytes. A layer has few distinct modes and
+        # owners, and consecutive entries often have the same times.
+        shared = self._shared_ints.setdefault
+        inode = Inode(number, shared(mode, mode), meta)
+        inode.uid = shared(meta.uid, meta.uid)
+        inode.gid = shared(meta.gid, meta.gid)
+        if inode.times_ns == self._last_times_ns:
+            inode.times_ns = self._last_times_ns
+        else:
+            self._last_times_ns = inode.times_ns
         self._inodes.append(inode)
         return inode
 
@@ -543,7 +648,7 @@ class Ext4Writer:
     def close(self, content_identity: bytes) -> int:
         """Write all metadata and return the image size in bytes.
 
-        ``content_identity`` is a digest of the input (for example the SHA-256 of the tar
+        ``content_identity`` is a digest of the input (for example the BLAKE3 digest of the tar
         stream); the filesystem UUID and directory hash seed derive from it so that the same
         input always gives the same image.
         """
@@ -601,7 +706,8 @@ class _Finisher:
         ).bytes
         self.seed = filesystem_seed(self.uuid)
         self.extra_blocks: dict[int, int] = {}  # inode number -> tree and xattr blocks
-        self.i_block: dict[int, bytes] = {}
+        self.tree_roots: dict[int, bytes] = {}  # i_block of inodes with extent index blocks
+        self._time_cache = (0, encode_time(0))  # the last time in ns and its encoding
         self.xattr_block: dict[int, int] = {}
         self.inline_xattrs: dict[int, bytes] = {}
 
@@ -624,31 +730,7 @@ class _Finisher:
         for inode in list(writer.iter_inodes()):
             if inode.children is None:
                 continue
-            entries: list[tuple[int, bytes, int]] = [
-                (inode.number, b".", fmt.FileType.DIR),
-                (inode.parent, b"..", fmt.FileType.DIR),
-            ]
-            for name, number in inode.children.items():
-                child = writer.inode(number)
-                entries.append((number, name, fmt.FILE_TYPE_BY_MODE[child.mode & fmt.S_IFMT]))
-
-            blocks: list[bytearray] = []
-            block = bytearray(BLOCK)
-            used = 0
-            last_entry = 0
-            for number, name, file_type in entries:
-                size = _dir_entry_size(len(name))
-                if used + size > tail_offset:
-                    self._close_dir_block(block, last_entry)
-                    blocks.append(block)
-                    block = bytearray(BLOCK)
-                    used = 0
-                fmt.DIR_ENTRY_HEADER.pack_into(block, used, number, size, len(name), file_type)
-                block[used + 8 : used + 8 + len(name)] = name
-                last_entry = used
-                used += size
-            self._close_dir_block(block, last_entry)
-            blocks.append(block)
+            blocks = self._directory_blocks(inode, inode.children)
 
             seed = self._inode_seed(inode.number)
             runs = self.allocator.allocate(len(blocks))
@@ -671,9 +753,43 @@ class _Finisher:
                     writer.sink.write((start + offset) * BLOCK, data)
                 index += length
             inode.size = len(blocks) * BLOCK
-            inode.data_blocks = len(blocks)
-            inode.extent_count = len(extents)
             inode.extents = pack_extents(extents)
+
+    def _directory_blocks(self, inode: Inode, children: dict[bytes, int]) -> list[bytearray]:
+        """Pack ".", ".." and the children into linear directory blocks, without tails."""
+        tail_offset = BLOCK - fmt.DIR_ENTRY_TAIL.size
+        pack_header = fmt.DIR_ENTRY_HEADER.pack_into
+        inodes = self.writer._inodes
+        file_types = _FILE_TYPE_BY_MODE
+
+        # "." and ".." always fit the first block.
+        block = bytearray(BLOCK)
+        dot_size = _dir_entry_size(1)
+        pack_header(block, 0, inode.number, dot_size, 1, fmt.FileType.DIR)
+        block[8:9] = b"."
+        pack_header(block, dot_size, inode.parent, _dir_entry_size(2), 2, fmt.FileType.DIR)
+        block[dot_size + 8 : dot_size + 10] = b".."
+        last_entry = dot_size
+        used = dot_size + _dir_entry_size(2)
+
+        blocks: list[bytearray] = []
+        for name, number in children.items():
+            name_length = len(name)
+            size = (fmt.DIR_ENTRY_HEADER.size + name_length + 3) & ~3
+            if used + size > tail_offset:
+                self._close_dir_block(block, last_entry)
+                blocks.append(block)
+                block = bytearray(BLOCK)
+                used = 0
+            child = inodes[number]
+            assert child is not None
+            pack_header(block, used, number, size, name_length, file_types[child.mode & _S_IFMT])
+            block[used + 8 : used + 8 + name_length] = name
+            last_entry = used
+            used += size
+        self._close_dir_block(block, last_entry)
+        blocks.append(block)
+        return blocks
 
     @staticmethod
     def _close_dir_block(block: bytearray, last_entry: int) -> None:
@@ -685,16 +801,18 @@ class _Finisher:
     # Extent trees and xattr blocks --------------------------------------------------------
 
     def _write_extent_trees(self) -> None:
+        """Write the index and leaf blocks of inodes with more extents than i_block holds.
+
+        The roots of other inodes are built when their inode is packed, see :func:`leaf_root`.
+        """
         writer = self.writer
+        max_root_bytes = fmt.INODE_EXTENT_SLOTS * fmt.EXTENT.size
+        allocate_block = functools.partial(self.allocator.allocate_contiguous, 1)
         for inode in writer.iter_inodes():
-            if inode.mode & fmt.S_IFMT not in (fmt.S_IFREG, fmt.S_IFDIR, fmt.S_IFLNK):
+            if len(inode.extents) <= max_root_bytes:
                 continue
-            if inode.mode & fmt.S_IFMT == fmt.S_IFLNK and inode.payload:
-                continue
-            tree = build_tree(
-                inode.extent_count, inode.extents, lambda: self.allocator.allocate_contiguous(1)
-            )
-            self.i_block[inode.number] = tree.root
+            tree = build_tree(inode.extent_count, inode.extents, allocate_block)
+            self.tree_roots[inode.number] = tree.root
             if tree.node_blocks:
                 self.extra_blocks[inode.number] = len(tree.node_blocks)
                 for block_number, data in tree.finish(self._inode_seed(inode.number)):
@@ -703,9 +821,9 @@ class _Finisher:
     def _write_xattr_blocks(self) -> None:
         writer = self.writer
         for inode in writer.iter_inodes():
-            if not inode.meta.xattrs:
+            if not inode.xattrs:
                 continue
-            in_inode, in_block = xattr_codec.split_inode_and_block(inode.meta.xattrs)
+            in_inode, in_block = xattr_codec.split_inode_and_block(inode.xattrs)
             self.inline_xattrs[inode.number] = xattr_codec.encode_inode_area(in_inode)
             if in_block:
                 block_number = self.allocator.allocate_contiguous(1)
@@ -790,31 +908,7 @@ class _Finisher:
         used_inodes = 0
         descriptors = bytearray(gdt_blocks * BLOCK)
         for group in range(groups):
-            first = group * inodes_per_group + 1
-            table = bytearray(inodes_per_group * fmt.INODE_SIZE_BYTES)
-            bitmap = bytearray(BLOCK)
-            used_dirs = 0
-            used_here = 0
-            for index in range(inodes_per_group):
-                number = first + index
-                if number < fmt.EXT4_GOOD_OLD_FIRST_INO:
-                    bitmap[index >> 3] |= 1 << (index & 7)
-                    used_here += 1
-                if number >= writer.inode_slots:
-                    continue
-                inode = writer._inodes[number]
-                if inode is None:
-                    continue
-                if number >= fmt.EXT4_GOOD_OLD_FIRST_INO:
-                    bitmap[index >> 3] |= 1 << (index & 7)
-                    used_here += 1
-                if inode.is_dir:
-                    used_dirs += 1
-                offset = index * fmt.INODE_SIZE_BYTES
-                table[offset : offset + fmt.INODE_SIZE_BYTES] = self._encode_inode(inode)
-            # e2fsck requires the bits past the last inode of the bitmap block to be set.
-            for index in range(inodes_per_group, BLOCK * 8):
-                bitmap[index >> 3] |= 1 << (index & 7)
+            table, bitmap, used_here, used_dirs = self._inode_table(group, inodes_per_group)
             used_inodes += used_here
             _pwrite_all(writer.fd, table, inode_tables[group] * BLOCK)
             _pwrite_all(writer.fd, bitmap, inode_bitmaps[group] * BLOCK)
@@ -877,42 +971,94 @@ class _Finisher:
                 bitmaps[group][index >> 3] &= ~(1 << (index & 7)) & 0xFF
         return bitmaps
 
-    def _encode_inode(self, inode: Inode) -> bytes:
-        meta = inode.meta
+    def _inode_table(
+        self, group: int, inodes_per_group: int
+    ) -> tuple[bytearray, bytearray, int, int]:
+        """Encode a group's inode table and inode bitmap; also count used inodes and dirs."""
+        inodes = self.writer._inodes
+        first = group * inodes_per_group + 1
+        table = bytearray(inodes_per_group * fmt.INODE_SIZE_BYTES)
+        bitmap = bytearray(BLOCK)
+        used_here = 0
+        used_dirs = 0
+
+        # The inodes below EXT4_GOOD_OLD_FIRST_INO are reserved: in use even when empty.
+        for index in range(max(0, min(inodes_per_group, fmt.EXT4_GOOD_OLD_FIRST_INO - first))):
+            bitmap[index >> 3] |= 1 << (index & 7)
+            used_here += 1
+
+        table_view = memoryview(table)
+        pack_inode = self._pack_inode
+        last = min(first + inodes_per_group, len(inodes))
+        for number in range(first, last):
+            inode = inodes[number]
+            if inode is None:
+                continue
+            index = number - first
+            if number >= fmt.EXT4_GOOD_OLD_FIRST_INO:
+                bitmap[index >> 3] |= 1 << (index & 7)
+                used_here += 1
+            if inode.mode & _S_IFMT == _S_IFDIR:
+                used_dirs += 1
+            pack_inode(table_view, index * fmt.INODE_SIZE_BYTES, inode)
+
+        # e2fsck requires the bits past the last inode of the bitmap block to be set.
+        full_bytes_from = -(-inodes_per_group // 8)
+        for index in range(inodes_per_group, full_bytes_from * 8):
+            bitmap[index >> 3] |= 1 << (index & 7)
+        bitmap[full_bytes_from:] = b"\xff" * (BLOCK - full_bytes_from)
+        return table, bitmap, used_here, used_dirs
+
+    def _pack_inode(self, table: memoryview, offset: int, inode: Inode) -> None:
+        """Encode ``inode`` into the zeroed slot at ``offset`` of ``table``, checksum included."""
         number = inode.number
-        kind = inode.mode & fmt.S_IFMT
+        mode = inode.mode
+        kind = mode & _S_IFMT
         flags = 0
-        if kind == fmt.S_IFLNK and inode.payload:
-            i_block = inode.payload.ljust(fmt.INODE_BLOCK_SIZE_BYTES, b"\0")
-        elif kind in (fmt.S_IFCHR, fmt.S_IFBLK):
+        if kind == _S_IFLNK and inode.payload:
+            i_block = inode.payload  # "60s" pads the target with NULs
+        elif kind in _DEVICE_KINDS:
             i_block = inode.payload
-        elif kind in (fmt.S_IFREG, fmt.S_IFDIR, fmt.S_IFLNK):
-            i_block = self.i_block[number]
-            flags |= fmt.InodeFlags.EXTENTS
+        elif kind in _EXTENT_KINDS:
+            i_block = self.tree_roots.get(number) or leaf_root(inode.extents)
+            flags = _EXTENTS_FL
         else:
-            i_block = bytes(fmt.INODE_BLOCK_SIZE_BYTES)
+            i_block = b""
 
         links = inode.links
-        if inode.is_dir and links > fmt.EXT4_LINK_MAX:
+        if kind == _S_IFDIR and links > fmt.EXT4_LINK_MAX:
             links = 1  # dir_nlink: a count that no longer fits is stored as 1
         sectors = (inode.data_blocks + self.extra_blocks.get(number, 0)) * (BLOCK // 512)
-        atime, atime_extra = encode_time(meta.atime_ns)
-        ctime, ctime_extra = encode_time(meta.ctime_ns)
-        mtime, mtime_extra = encode_time(meta.mtime_ns)
-        crtime, crtime_extra = encode_time(meta.crtime_ns)
+
+        # Most inodes have one time for all four fields, often the time of the last inode.
+        times_ns = inode.times_ns
+        if isinstance(times_ns, int):
+            if times_ns != self._time_cache[0]:
+                self._time_cache = (times_ns, encode_time(times_ns))
+            mtime, mtime_extra = self._time_cache[1]
+            atime, atime_extra = ctime, ctime_extra = crtime, crtime_extra = mtime, mtime_extra
+        else:
+            mtime_ns, atime_ns, ctime_ns, crtime_ns = times_ns
+            mtime, mtime_extra = encode_time(mtime_ns)
+            atime, atime_extra = encode_time(atime_ns)
+            ctime, ctime_extra = encode_time(ctime_ns)
+            crtime, crtime_extra = encode_time(crtime_ns)
+
+        size = inode.size
+        uid = inode.uid
+        gid = inode.gid
         xattr_block = self.xattr_block.get(number, 0)
-        raw = bytearray(fmt.INODE_SIZE_BYTES)
-        fmt.INODE.pack_into(
-            raw,
-            0,
-            inode.mode,
-            meta.uid & 0xFFFF,
-            inode.size & 0xFFFFFFFF,
+        _INODE_PACK_INTO(
+            table,
+            offset,
+            mode,
+            uid & 0xFFFF,
+            size & 0xFFFFFFFF,
             atime,
             ctime,
             mtime,
             0,
-            meta.gid & 0xFFFF,
+            gid & 0xFFFF,
             links,
             sectors & 0xFFFFFFFF,
             flags,
@@ -920,12 +1066,12 @@ class _Finisher:
             i_block,
             0,
             xattr_block & 0xFFFFFFFF,
-            inode.size >> 32,
+            size >> 32,
             0,
             sectors >> 32,
             xattr_block >> 32,
-            meta.uid >> 16,
-            meta.gid >> 16,
+            uid >> 16,
+            gid >> 16,
             0,
             0,
             fmt.EXTRA_ISIZE_BYTES,
@@ -938,17 +1084,13 @@ class _Finisher:
             0,
             0,
         )
+        end = offset + fmt.INODE_SIZE_BYTES
         inline = self.inline_xattrs.get(number)
         if inline:
-            raw[fmt.INODE_XATTR_OFFSET :] = inline
-        checksum = crc32c_raw(self._inode_seed(number), raw)
-        raw[fmt.INODE_CHECKSUM_LO_OFFSET : fmt.INODE_CHECKSUM_LO_OFFSET + 2] = (
-            checksum & 0xFFFF
-        ).to_bytes(2, "little")
-        raw[fmt.INODE_CHECKSUM_HI_OFFSET : fmt.INODE_CHECKSUM_HI_OFFSET + 2] = (
-            checksum >> 16
-        ).to_bytes(2, "little")
-        return bytes(raw)
+            table[offset + fmt.INODE_XATTR_OFFSET : end] = inline
+        checksum = crc32c_raw(self._inode_seed(number), table[offset:end])
+        _U16_PACK_INTO(table, offset + fmt.INODE_CHECKSUM_LO_OFFSET, checksum & 0xFFFF)
+        _U16_PACK_INTO(table, offset + fmt.INODE_CHECKSUM_HI_OFFSET, checksum >> 16)
 
     def _superblock(
         self,
