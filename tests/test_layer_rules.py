@@ -5,14 +5,17 @@ from __future__ import annotations
 import gzip
 import os
 import re
+import stat
+import tarfile
 from pathlib import Path
 
 import pytest
 import zstandard
 
-from lcow.errors import CorruptInputError
+from lcow.errors import CorruptInputError, LcowError
+from lcow.layer import tarstream
 from oracle import loop_mount, run_tool
-from tarbuild import regular, tar_bytes
+from tarbuild import device, fifo, hard_link, regular, symlink, tar_bytes
 from test_layer_edge_cases import convert_layer, convert_rejected
 
 NS = 1_000_000_000
@@ -134,3 +137,43 @@ def test_interior_components_normalised(tmp_path: Path) -> None:
         # ".." removes the component before it, so "a/x" is never created.
         assert sorted(path.name for path in (root / "a").iterdir()) == ["b.txt", "c.txt", "d.txt"]
         assert (root / "a" / "d.txt").read_bytes() == b"3"
+
+
+@pytest.mark.root
+def test_whiteout_of_longest_name(tmp_path: Path) -> None:
+    """A whiteout of a 255-byte name is 259 bytes long and still fits: ext4 stores the name."""
+    name = "n" * 255
+    image = convert_layer(tar_bytes([regular(".wh." + name)]), tmp_path)
+
+    with loop_mount(image) as root:
+        status = os.lstat(root / name)
+        assert stat.S_ISCHR(status.st_mode)
+        assert status.st_rdev == 0
+
+
+def test_whiteout_of_too_long_name_rejected(tmp_path: Path) -> None:
+    error = convert_rejected(tar_bytes([regular(".wh." + "n" * 256)]), tmp_path, LcowError)
+
+    assert "260 bytes" in str(error)
+
+
+def test_stat_fields_match_single_calls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The struct stat fast path reads the same entry fields as one libarchive call each."""
+    times = {"atime": "1700000001.25", "ctime": "-1.5", "LIBARCHIVE.creationtime": "86400.5"}
+    members = [
+        regular("file", b"data" * 1000, mode=0o4755, pax_headers=times),
+        regular("dated", b"x", pax_headers={"mtime": "-100000.125"}),
+        device("char", tarfile.CHRTYPE, 1, 3, mode=0o666),
+        device("block", tarfile.BLKTYPE, 4095, 1048575, mode=0o600),
+        fifo("pipe", mode=0o640),
+        symlink("link", "file"),
+        hard_link("again", "file"),
+    ]
+    archive = tar_bytes(members)
+    assert tarstream._STAT is not None  # the fast path runs on this machine
+
+    fast = convert_layer(archive, tmp_path, "fast").read_bytes()
+    monkeypatch.setattr(tarstream, "_STAT", None)
+    single = convert_layer(archive, tmp_path, "single").read_bytes()
+
+    assert fast == single

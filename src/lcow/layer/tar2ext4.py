@@ -34,7 +34,7 @@ from lcow.errors import CorruptInputError, InvalidArgumentError, LcowError, Unsu
 from lcow.ext4 import format as fmt
 from lcow.ext4 import xattr as xattr_codec
 from lcow.ext4.writer import DEFAULT_MAX_SIZE_BYTES, Ext4Writer, Metadata
-from lcow.layer.tarstream import LayerStream, TarEntry, TarReader, open_source
+from lcow.layer.tarstream import LayerStream, ReadAhead, TarEntry, TarReader, open_source
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +67,24 @@ class ConversionStats:
     image_size_bytes: int  # the ext4 filesystem, without the footer
     tar_bytes: int  # uncompressed tar stream length
     compression: str
-    tar_sha256: str
+    tar_blake3: str  # hex BLAKE3 of the uncompressed tar stream, the content identity
+
+
+_SPECIAL_COMPONENTS: Final = frozenset((b"", b".", b".."))
 
 
 def split_path(raw: bytes, *, entry: bytes) -> list[bytes]:
     """Normalise a tar name into components; a ``..`` leaving the root raises."""
+    components = raw.split(b"/")
+    if components[-1] == b"":
+        components.pop()  # the trailing slash of a directory
+    # Most names need no normalising: no empty, "." or ".." component, none too long.
+    if len(raw) <= fmt.EXT4_NAME_LEN and _SPECIAL_COMPONENTS.isdisjoint(components):
+        return components
+    return _normalise_components(raw, entry)
+
+
+def _normalise_components(raw: bytes, entry: bytes) -> list[bytes]:
     components: list[bytes] = []
     for name in raw.split(b"/"):
         if name in (b"", b"."):
@@ -83,12 +96,19 @@ def split_path(raw: bytes, *, entry: bytes) -> list[bytes]:
                 )
             components.pop()
             continue
-        if len(name) > fmt.EXT4_NAME_LEN:
+        components.append(name)
+
+    for index, name in enumerate(components):
+        limit = fmt.EXT4_NAME_LEN
+        if index == len(components) - 1 and name.startswith(WHITEOUT_PREFIX):
+            # A whiteout names a file of up to 255 bytes, so its own name may be 4 longer;
+            # the image stores the file's name without the prefix.
+            limit += len(WHITEOUT_PREFIX)
+        if len(name) > limit:
             raise InvalidArgumentError(
                 f"invalid tar entry {_show(entry)}: a path component is {len(name)} bytes, "
                 f"ext4 allows at most {fmt.EXT4_NAME_LEN}"
             )
-        components.append(name)
     return components
 
 
@@ -106,6 +126,22 @@ class _Converter:
         self._skipped_xattr_names: set[bytes] = set()
 
     def metadata(self, entry: TarEntry) -> Metadata:
+        mtime_ns = entry.mtime_ns
+        atime_ns = entry.atime_ns
+        ctime_ns = entry.ctime_ns
+        crtime_ns = entry.birthtime_ns
+        return Metadata(
+            entry.permissions,
+            entry.uid,
+            entry.gid,
+            mtime_ns,
+            mtime_ns if atime_ns is None else atime_ns,
+            mtime_ns if ctime_ns is None else ctime_ns,
+            mtime_ns if crtime_ns is None else crtime_ns,
+            self._xattrs(entry) if entry.xattrs else (),
+        )
+
+    def _xattrs(self, entry: TarEntry) -> tuple[xattr_codec.Xattr, ...]:
         xattrs: list[xattr_codec.Xattr] = []
         for name, value in entry.xattrs:
             try:
@@ -116,29 +152,20 @@ class _Converter:
                 if name not in self._skipped_xattr_names:
                     self._skipped_xattr_names.add(name)
                     log.warning("skipped xattr in entry %s: %s", _show(entry.path), err)
-        return Metadata(
-            permissions=entry.permissions,
-            uid=entry.uid,
-            gid=entry.gid,
-            mtime_ns=entry.mtime_ns,
-            atime_ns=entry.mtime_ns if entry.atime_ns is None else entry.atime_ns,
-            ctime_ns=entry.mtime_ns if entry.ctime_ns is None else entry.ctime_ns,
-            crtime_ns=entry.mtime_ns if entry.birthtime_ns is None else entry.birthtime_ns,
-            xattrs=tuple(xattrs),
-        )
+        return tuple(xattrs)
 
     def apply(self, entry: TarEntry, reader: TarReader) -> None:
         self.entries += 1
         self.size_bytes += entry.size
-        path = split_path(entry.path, entry=entry.path)
+        raw_path = entry.path
+        path = split_path(raw_path, entry=raw_path)
         if uid_or_gid_invalid(entry):
             raise InvalidArgumentError(
-                f"invalid tar entry {_show(entry.path)}: owner {entry.uid}:{entry.gid} does "
+                f"invalid tar entry {_show(raw_path)}: owner {entry.uid}:{entry.gid} does "
                 "not fit in 32 bits"
             )
 
-        base = path[-1] if path else b""
-        if base.startswith(WHITEOUT_PREFIX):
+        if path and path[-1].startswith(WHITEOUT_PREFIX):
             self._apply_whiteout(entry, path)
             return
 
@@ -149,14 +176,14 @@ class _Converter:
 
         kind = entry.file_type
         meta = self.metadata(entry)
-        if kind == fmt.S_IFDIR:
+        if kind == fmt.S_IFREG and path:
+            writer.add_regular_file(path, meta, entry.size, reader.data_blocks())
+        elif kind == fmt.S_IFDIR:
             writer.add_directory(path, meta)
         elif not path:
             raise InvalidArgumentError(
-                f"invalid tar entry {_show(entry.path)}: only a directory may name the root"
+                f"invalid tar entry {_show(raw_path)}: only a directory may name the root"
             )
-        elif kind == fmt.S_IFREG:
-            writer.add_regular_file(path, meta, entry.size, reader.data_blocks())
         elif kind == fmt.S_IFLNK:
             writer.add_symlink(path, meta, entry.symlink or b"")
         elif kind in (fmt.S_IFCHR, fmt.S_IFBLK, fmt.S_IFIFO, fmt.S_IFSOCK):
@@ -239,9 +266,9 @@ def convert_stream(
 ) -> tuple[ConversionStats, bytes]:
     """Write the ext4 image of the tar in ``source`` to ``output_fd``.
 
-    Returns the statistics and the SHA-256 digest of the uncompressed tar stream.
+    Returns the statistics and the BLAKE3 digest of the uncompressed tar stream.
     """
-    stream = LayerStream(source, on_read=on_read)
+    stream = LayerStream(source, digest="blake3")
     writer = Ext4Writer(
         output_fd,
         implicit_meta=IMPLICIT_METADATA,
@@ -249,14 +276,16 @@ def convert_stream(
         opaque_xattr=OPAQUE_MARKER,
     )
     converter = _Converter(writer)
+    ahead = ReadAhead(stream, on_read=on_read)
     try:
         if stream.empty:
             log.info("empty layer stream: writing an empty image")
         else:
-            with _open_reader(stream) as reader:
+            with _open_reader(ahead) as reader:
                 if reader is not None:
                     _apply_all(converter, reader)
     finally:
+        ahead.close()
         stream.close()
 
     digest = stream.digest.digest()
@@ -267,19 +296,19 @@ def convert_stream(
         image_size_bytes=image_size,
         tar_bytes=stream.bytes_read,
         compression=stream.compression,
-        tar_sha256=digest.hex(),
+        tar_blake3=digest.hex(),
     )
     return stats, digest
 
 
 @contextlib.contextmanager
-def _open_reader(stream: LayerStream) -> Iterator[TarReader | None]:
+def _open_reader(stream: ReadAhead) -> Iterator[TarReader | None]:
     """Open libarchive on ``stream``; None stands for a compressed stream of zero tar bytes."""
     try:
         reader = TarReader(stream)
     except CorruptInputError:
         if stream.at_eof and stream.bytes_read == 0:
-            log.info("empty %s layer stream: writing an empty image", stream.compression)
+            log.info("empty %s layer stream: writing an empty image", stream.stream.compression)
             yield None
             return
         raise
@@ -338,7 +367,7 @@ def atomic_output(destination: Path, mode: int = 0o644) -> Iterator[IO[bytes]]:
 
 
 def vhd_unique_id(digest: bytes) -> bytes:
-    """Derive the VHD footer's unique id from the SHA-256 of the uncompressed tar."""
+    """Derive the VHD footer's unique id from the BLAKE3 digest of the uncompressed tar."""
     return hashlib.sha256(b"lcow vhd unique id\0" + digest).digest()[:16]
 
 

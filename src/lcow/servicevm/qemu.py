@@ -216,6 +216,14 @@ class QemuServiceVM(ServiceVM):
                 f"{platform.python_version()}; rebuild it with "
                 f"`lcow vm build {self.config.initrd.parent}`"
             )
+        missing = vmbuild.missing_packages(manifest) if manifest else []
+        if missing:
+            raise FailedPreconditionError(
+                f"failed to start service VM {self.name}: the utility VM in "
+                f"{self.config.initrd.parent} lacks the Python packages {', '.join(missing)} "
+                f"that this lcow imports; rebuild it with "
+                f"`lcow vm build {self.config.initrd.parent}`"
+            )
         if manifest.get("lcow_digest") == vmbuild.lcow_digest():
             return self.config.initrd
         log.info(

@@ -9,7 +9,8 @@
   not build in with the modules they depend on (``depmod`` writes modules.dep for the
   unpacked tree), mke2fs with /etc/mke2fs.conf, the Python runtime that runs lcow on this
   host with the extension modules and shared libraries it loads (found with ``ldd``),
-  lcow's own package and the wheels it imports (libarchive-c, isal, zstandard, crc32c).
+  lcow's own package and the wheels it imports (libarchive-c, isal, zstandard, crc32c,
+  blake3).
   Host files keep their paths, so RPATHs, the dynamic loader and Python's prefix search
   work unchanged in the guest.
 - lcow itself is the last of two concatenated cpio archives, so a newer lcow can be laid
@@ -51,7 +52,7 @@ BUSYBOX_PACKAGE: Final = "busybox-static"
 # channel's virtio-serial port. Debian's cloud kernel builds all three as modules.
 GUEST_MODULES: Final = ("virtio_pci", "virtio_blk", "virtio_console")
 # Top-level packages of the guest's Python path: lcow and the wheels its converter imports.
-GUEST_PACKAGES: Final = ("lcow", "libarchive", "isal", "zstandard", "crc32c")
+GUEST_PACKAGES: Final = ("lcow", "libarchive", "isal", "zstandard", "crc32c", "blake3")
 # Imported in the guest but not at import time of the agent, so the trace cannot see them.
 LAZY_MODULES: Final = ("encodings", "ctypes.util")
 GUEST_SITE: Final = "opt/lcow/site"
@@ -91,6 +92,7 @@ class BuildReport:
     python_version: str
     lcow_version: str
     lcow_digest: str
+    guest_packages: list[str]
     modules: list[str]
     initrd_files: int
     initrd_unpacked_bytes: int
@@ -592,6 +594,7 @@ def build(destination: Path, *, python: str | None = None) -> BuildReport:
             python_version=python_version,
             lcow_version=lcow.__version__,
             lcow_digest=lcow_digest(),
+            guest_packages=list(GUEST_PACKAGES),
             modules=modules,
             initrd_files=files_count,
             initrd_unpacked_bytes=unpacked,
@@ -602,6 +605,15 @@ def build(destination: Path, *, python: str | None = None) -> BuildReport:
             temporary.write_text(json.dumps(asdict(report), indent=2) + "\n")
     log.info("built the utility VM in %s: %s", destination, report)
     return report
+
+
+def missing_packages(manifest: dict[str, object]) -> list[str]:
+    """Return the guest packages this lcow imports that a build does not carry."""
+    carried = manifest.get("guest_packages")
+    if not isinstance(carried, list):
+        # Builds before the manifest listed its packages carried all but blake3.
+        carried = [name for name in GUEST_PACKAGES if name != "blake3"]
+    return [name for name in GUEST_PACKAGES if name not in carried]
 
 
 def read_manifest(folder: Path) -> dict[str, object]:

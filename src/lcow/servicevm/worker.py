@@ -202,7 +202,7 @@ class Worker:
             "image_size_bytes": stats.image_size_bytes,
             "tar_bytes": stats.tar_bytes,
             "compression": stats.compression,
-            "tar_sha256": stats.tar_sha256,
+            "tar_blake3": stats.tar_blake3,
         }
 
     def op_ext4totar(self, request: dict[str, Any]) -> dict[str, Any]:
