@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
@@ -235,11 +236,10 @@ def test_export_special_files(exported: Exported) -> None:
     assert exported.members["setuid"].mode == 0o4755
 
 
-@pytest.mark.root
-def test_export_extracts_to_image(exported: Exported, tmp_path: Path) -> None:
-    """GNU tar's extraction of the export, whiteouts converted, equals the mounted image."""
-    extract_with_gnu_tar(exported.tar_path, tmp_path / "extracted")
-    extracted = expected_from_tar_extraction(snapshot_tree(tmp_path / "extracted"))
+def assert_extraction_equals_image(exported: Exported, folder: Path) -> None:
+    """Check that GNU tar's extraction, whiteouts converted, equals the mounted image."""
+    extract_with_gnu_tar(exported.tar_path, folder / "extracted")
+    extracted = expected_from_tar_extraction(snapshot_tree(folder / "extracted"))
     del extracted[oracle.ROOT]
 
     with loop_mount(exported.image) as mountpoint:
@@ -251,6 +251,12 @@ def test_export_extracts_to_image(exported: Exported, tmp_path: Path) -> None:
     assert differences == [], format_differences(differences)
 
 
+@pytest.mark.root
+def test_export_extracts_to_image(exported: Exported, tmp_path: Path) -> None:
+    """GNU tar's extraction of the export, whiteouts converted, equals the mounted image."""
+    assert_extraction_equals_image(exported, tmp_path)
+
+
 def test_export_deterministic(exported: Exported, tmp_path: Path) -> None:
     again = tmp_path / "again.tar"
     vhd2tar(exported.image, again)
@@ -260,6 +266,242 @@ def test_export_deterministic(exported: Exported, tmp_path: Path) -> None:
 
     assert again.read_bytes() == exported.tar_path.read_bytes()
     assert in_process.getvalue() == exported.tar_path.read_bytes()
+
+
+# --- header edge cases ----------------------------------------------------------------------
+
+UTF8_NAME: Final = "caf\u00e9.txt".encode()
+LATIN1_NAME: Final = b"latin1-\xe9.txt"  # not UTF-8: the PAX header needs hdrcharset=BINARY
+NAME_100: Final = "n" * 100  # fills the ustar name field exactly
+NAME_101: Final = "m" * 101
+DIRECTORY_99: Final = "d" * 99  # 100 bytes with the "/" that tar adds to a directory
+DIRECTORY_100: Final = "e" * 100
+LONG_BINARY_TARGET: Final = b"target-\xff/" * 12  # 108 bytes, not UTF-8
+LARGE_OWNER: Final = 3_000_000  # above 2^21 - 1, the largest 7-digit octal value
+BEFORE_EPOCH_MTIME: Final = "-1.5"
+FAR_FUTURE_MTIME_S: Final = 8**11 + 5  # above the 11-digit octal mtime field
+BINARY_XATTR: Final = b"\x00\xff\xfe binary \x80"
+LARGE_DATA: Final = bytes(range(256)) * 800 + b"tail"  # 204804 bytes, not block aligned
+
+EDGE_MEMBERS: Final = (
+    tarbuild.regular(UTF8_NAME, b"utf-8 name\n"),
+    tarbuild.regular(LATIN1_NAME, b"latin-1 name\n"),
+    tarbuild.regular(NAME_100, b"100\n"),
+    tarbuild.regular(NAME_101, b"101\n"),
+    tarbuild.directory(DIRECTORY_99),
+    tarbuild.directory(DIRECTORY_100),
+    tarbuild.regular("owner", b"o\n", uid=LARGE_OWNER, gid=LARGE_OWNER + 1),
+    tarbuild.regular("before-epoch", pax_headers={"mtime": BEFORE_EPOCH_MTIME}),
+    tarbuild.regular("far-future", mtime=FAR_FUTURE_MTIME_S),
+    tarbuild.regular(
+        "binary-xattr",
+        pax_headers={"SCHILY.xattr.user.blob": treegen.pax_string(BINARY_XATTR)},
+    ),
+    tarbuild.regular("large.bin", LARGE_DATA),
+    tarbuild.hard_link(b"link-to-latin1", LATIN1_NAME),
+    tarbuild.symlink(b"symlink-\xe9", LONG_BINARY_TARGET),
+)
+
+
+@pytest.fixture(scope="module")
+def edge_export(tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    folder = tmp_path_factory.mktemp("export-edges")
+    layer_tar = folder / "layer.tar"
+    layer_tar.write_bytes(tarbuild.tar_bytes(EDGE_MEMBERS))
+    image = folder / "layer.vhd"
+    convert_tar(layer_tar, image)
+    tar_path = folder / "export.tar"
+
+    vhd2tar(image, tar_path)
+
+    members = read_members(tar_path.read_bytes())
+    names = [os.fsdecode(oracle.normalize_member_name(m.name)) for m in members]
+    return Exported(
+        image=image,
+        tar_path=tar_path,
+        members=dict(zip(names, members, strict=True)),
+        order=names,
+    )
+
+
+def member(exported: Exported, name: str | bytes) -> tarfile.TarInfo:
+    return exported.members[os.fsdecode(name)]
+
+
+def test_edge_gnu_tar_lists(edge_export: Exported) -> None:
+    # gnu_tar_names shows bytes that are not UTF-8 as backslash escapes.
+    expected = sorted(
+        os.fsencode(name).decode("utf-8", "backslashreplace") for name in edge_export.order
+    )
+
+    assert gnu_tar_names(edge_export.tar_path) == expected
+
+
+def test_edge_non_ascii_names(edge_export: Exported) -> None:
+    utf8 = member(edge_export, UTF8_NAME)
+    latin1 = member(edge_export, LATIN1_NAME)
+
+    assert utf8.pax_headers["path"] == UTF8_NAME.decode()
+    assert os.fsencode(latin1.name) == LATIN1_NAME
+    assert latin1.size == len(b"latin-1 name\n")
+
+
+def test_edge_name_field_boundary(edge_export: Exported) -> None:
+    assert "path" not in member(edge_export, NAME_100).pax_headers
+    assert member(edge_export, NAME_101).pax_headers["path"] == NAME_101
+    assert "path" not in member(edge_export, DIRECTORY_99).pax_headers
+    assert member(edge_export, DIRECTORY_100).pax_headers["path"] == DIRECTORY_100 + "/"
+
+
+def test_edge_large_owner(edge_export: Exported) -> None:
+    owner = member(edge_export, "owner")
+
+    assert owner.uid == LARGE_OWNER
+    assert owner.gid == LARGE_OWNER + 1
+    assert owner.pax_headers["uid"] == str(LARGE_OWNER)
+
+
+def test_edge_mtimes_outside_ustar(edge_export: Exported) -> None:
+    before_epoch = member(edge_export, "before-epoch")
+    far_future = member(edge_export, "far-future")
+
+    assert before_epoch.pax_headers["mtime"] == BEFORE_EPOCH_MTIME
+    assert before_epoch.mtime == -1.5
+    assert far_future.pax_headers["mtime"] == str(FAR_FUTURE_MTIME_S)
+    assert far_future.mtime == FAR_FUTURE_MTIME_S
+
+
+def test_edge_binary_xattr(edge_export: Exported) -> None:
+    value = member(edge_export, "binary-xattr").pax_headers["SCHILY.xattr.user.blob"]
+
+    assert value.encode("utf-8", "surrogateescape") == BINARY_XATTR
+
+
+def test_edge_links_not_utf8(edge_export: Exported) -> None:
+    link = member(edge_export, b"link-to-latin1")
+    symlink = member(edge_export, b"symlink-\xe9")
+
+    assert link.type == tarfile.LNKTYPE
+    assert os.fsencode(link.linkname) == LATIN1_NAME
+    assert symlink.type == tarfile.SYMTYPE
+    assert os.fsencode(symlink.linkname) == LONG_BINARY_TARGET
+
+
+def test_edge_large_file_content(edge_export: Exported) -> None:
+    with tarfile.open(edge_export.tar_path, encoding="utf-8", errors="surrogateescape") as archive:
+        content = archive.extractfile("large.bin")
+        assert content is not None
+        data = content.read()
+
+    assert data == LARGE_DATA
+
+
+def test_edge_archive_padding(edge_export: Exported) -> None:
+    """The archive ends in two zero blocks and fills its last 10240-byte record, as tarfile."""
+    archive = edge_export.tar_path.read_bytes()
+
+    assert len(archive) % 10240 == 0
+    assert archive[-1024:] == bytes(1024)
+
+
+@pytest.mark.root
+def test_edge_extracts_to_image(edge_export: Exported, tmp_path: Path) -> None:
+    """GNU tar's extraction of the edge cases equals the mounted image."""
+    assert_extraction_equals_image(edge_export, tmp_path)
+
+
+def export_bytes(image: Path) -> bytes:
+    output = io.BytesIO()
+    with open_reader(image) as reader:
+        export_tar(reader, output)
+    return output.getvalue()
+
+
+def test_export_to_pipe(edge_export: Exported) -> None:
+    """A pipe gets the bytes that a file object without a descriptor gets."""
+    expected = export_bytes(edge_export.image)
+    read_end, write_end = os.pipe()
+    received = io.BytesIO()
+
+    def drain() -> None:
+        with os.fdopen(read_end, "rb") as pipe:
+            shutil.copyfileobj(pipe, received)
+
+    reader_thread = threading.Thread(target=drain)
+    reader_thread.start()
+    try:
+        with open_reader(edge_export.image) as reader, os.fdopen(write_end, "wb") as output:
+            export_tar(reader, output)
+    finally:
+        reader_thread.join()
+
+    assert received.getvalue() == expected
+
+
+def test_export_to_append_mode_file(edge_export: Exported, tmp_path: Path) -> None:
+    """sendfile rejects an O_APPEND output, so the export copies through memory instead."""
+    expected = export_bytes(edge_export.image)
+    tar_path = tmp_path / "appended.tar"
+    tar_path.write_bytes(b"")
+
+    with open_reader(edge_export.image) as reader, tar_path.open("ab") as output:
+        export_tar(reader, output)
+
+    assert tar_path.read_bytes() == expected
+
+
+def test_export_after_buffered_bytes(edge_export: Exported, tmp_path: Path) -> None:
+    """Bytes the caller left in a BufferedWriter come before the archive."""
+    expected = export_bytes(edge_export.image)
+    tar_path = tmp_path / "prefixed.tar"
+
+    with open_reader(edge_export.image) as reader, tar_path.open("wb") as output:
+        output.write(b"prefix")
+        export_tar(reader, output)
+        output.write(b"suffix")
+
+    assert tar_path.read_bytes() == b"prefix" + expected + b"suffix"
+
+
+# --- a sparse file ---------------------------------------------------------------------------
+
+SPARSE_FILE: Final = treegen.FileData(
+    3 * MIB + 100,
+    (
+        treegen.DataRegion(0, 4096, 1),
+        treegen.DataRegion(MIB + 512, 100 * 1024, 2),
+        treegen.DataRegion(3 * MIB, 100, 3),
+    ),
+)
+
+
+def test_export_sparse_file(tmp_path: Path) -> None:
+    """Holes read as zeros, and tarfile and GNU tar both read back the file's bytes."""
+    layer_tar = tmp_path / "sparse.tar"
+    tree = treegen.Tree(
+        (treegen.Entry("sparse.bin", treegen.Kind.FILE, data=SPARSE_FILE, sparse=True),)
+    )
+    with layer_tar.open("wb") as output:
+        treegen.write_tar(tree, output)
+    image = tmp_path / "sparse.vhd"
+    convert_tar(layer_tar, image)
+    tar_path = tmp_path / "export.tar"
+    expected = expected_bytes(SPARSE_FILE, 0, SPARSE_FILE.size)
+
+    vhd2tar(image, tar_path)
+
+    with tarfile.open(tar_path) as archive:
+        content = archive.extractfile("sparse.bin")
+        assert content is not None
+        from_tarfile = content.read()
+    from_gnu_tar = subprocess.run(
+        [oracle.require_tool("tar"), "--extract", "--to-stdout", f"--file={tar_path}"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert from_tarfile == expected
+    assert from_gnu_tar == expected
+    assert export_bytes(image) == tar_path.read_bytes()
 
 
 # --- a file over 8 GiB -----------------------------------------------------------------------

@@ -15,7 +15,7 @@ Reference: the kernel's ext4 disk-layout documentation and fs/ext4/ext4.h.
 
 import functools
 import os
-import stat
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Final, Protocol
@@ -26,6 +26,9 @@ from lcow.ext4.checksum import crc32c_raw, filesystem_seed
 
 _READ_CHUNK_BYTES: Final = 1 << 20
 _BLOCK_CACHE_ENTRIES: Final = 1024
+# Verified inodes kept for the calls that follow a walk() step: read_data(), iterdir() and
+# read_symlink() of the entry just yielded read the same inode again.
+_INODE_CACHE_ENTRIES: Final = 256
 _INLINE_DATA_XATTR: Final = (fmt.XattrIndex.SYSTEM, b"data")
 _GROUP_DESC_64_SIZE: Final = 64
 DX_DOT_ENTRY_BYTES: Final = 12  # the "." entry that starts an htree root block
@@ -90,12 +93,23 @@ class InodeInfo:
         return self.mode & fmt.S_IFMT
 
 
-@dataclass(frozen=True, slots=True)
-class _Extent:
-    logical: int
-    physical: int
-    length: int
-    initialized: bool
+# An extent as (ee_block, physical block, length in blocks, initialized). A plain tuple is
+# cheaper to build than a dataclass, which matters because most files have one extent.
+_Extent = tuple[int, int, int, bool]
+
+# The struct ext4_inode fields that locate a file's data (little-endian): i_mode, i_size_lo,
+# i_flags, i_generation and i_size_high at offsets 0x0, 0x4, 0x20, 0x64 and 0x6C.
+_INODE_DATA_FIELDS: Final = struct.Struct("<H2xI24xI64xI4xI")
+assert _INODE_DATA_FIELDS.size == 0x70
+# i_generation, l_i_checksum_lo, i_extra_isize and i_checksum_hi at 0x64, 0x7C, 0x80, 0x82.
+_INODE_CHECKSUM_FIELDS: Final = struct.Struct("<100xI20xH2xHH")
+assert _INODE_CHECKSUM_FIELDS.size == 0x84
+# The kernel seeds an inode's checksum with its number and i_generation, both 32-bit.
+_INODE_SEED_FIELDS: Final = struct.Struct("<II")
+# i_flags bits as plain ints, because a test on an IntFlag member runs Python code in enum.
+_EXT4_EXTENTS_FL: Final = int(fmt.InodeFlags.EXTENTS)
+_EXT4_INLINE_DATA_FL: Final = int(fmt.InodeFlags.INLINE_DATA)
+_EXT4_INDEX_FL: Final = int(fmt.InodeFlags.INDEX)
 
 
 _XATTR_NAME_PREFIX: Final[dict[int, bytes]] = {
@@ -128,6 +142,10 @@ class Ext4Reader:
         self.device_size = device_size
         self._read_block = functools.lru_cache(maxsize=_BLOCK_CACHE_ENTRIES)(
             self._read_block_uncached
+        )
+        # Only inodes whose checksum matched enter the cache. A failed check raises every time.
+        self._raw_inode = functools.lru_cache(maxsize=_INODE_CACHE_ENTRIES)(
+            self._raw_inode_uncached
         )
         self._parse_superblock()
         self._parse_group_descriptors()
@@ -286,7 +304,7 @@ class Ext4Reader:
     def read_block(self, number: int) -> bytes:
         return self._read_block(number)
 
-    def _raw_inode(self, number: int) -> bytes:
+    def _raw_inode_uncached(self, number: int) -> bytes:
         if not 1 <= number <= self.inodes_count:
             raise self._corrupt(f"inode number {number} is outside 1..{self.inodes_count}")
         group, index = divmod(number - 1, self.inodes_per_group)
@@ -298,22 +316,21 @@ class Ext4Reader:
         return raw
 
     def _inode_seed(self, number: int, generation: int) -> int:
-        return crc32c_raw(
-            self.seed, number.to_bytes(4, "little") + generation.to_bytes(4, "little")
-        )
+        return crc32c_raw(self.seed, _INODE_SEED_FIELDS.pack(number, generation))
 
     def _verify_inode(self, number: int, raw: bytes) -> None:
         zeroed = bytearray(raw)
-        stored = int.from_bytes(raw[0x7C:0x7E], "little")
         zeroed[0x7C:0x7E] = b"\0\0"
         has_hi = False
         if self.inode_size > fmt.GOOD_OLD_INODE_SIZE_BYTES:
-            extra = int.from_bytes(raw[0x80:0x82], "little")
+            generation, stored, extra, stored_hi = _INODE_CHECKSUM_FIELDS.unpack_from(raw)
             if extra >= 4:
                 has_hi = True
-                stored |= int.from_bytes(raw[0x82:0x84], "little") << 16
+                stored |= stored_hi << 16
                 zeroed[0x82:0x84] = b"\0\0"
-        generation = int.from_bytes(raw[0x64:0x68], "little")
+        else:
+            generation = int.from_bytes(raw[0x64:0x68], "little")
+            stored = int.from_bytes(raw[0x7C:0x7E], "little")
         expected = crc32c_raw(self._inode_seed(number, generation), zeroed)
         if not has_hi:
             expected &= 0xFFFF
@@ -323,7 +340,9 @@ class Ext4Reader:
     def inode(self, number: int) -> InodeInfo:
         """Decode inode ``number``, xattrs included."""
         raw = self._raw_inode(number)
-        fields = fmt.INODE.unpack_from(raw.ljust(fmt.INODE.size, b"\0"))
+        # A 128-byte inode has no extra fields; they read as zeros.
+        padded = raw if len(raw) >= fmt.INODE.size else raw.ljust(fmt.INODE.size, b"\0")
+        fields = fmt.INODE.unpack_from(padded)
         (
             mode,
             uid_lo,
@@ -363,9 +382,9 @@ class Ext4Reader:
         if extra_isize > self.inode_size - fmt.GOOD_OLD_INODE_SIZE_BYTES or extra_isize % 4:
             raise self._corrupt(f"inode {number} i_extra_isize {extra_isize}")
 
-        def extra(offset: int, value: int) -> int | None:
-            return value if extra_isize >= offset - fmt.GOOD_OLD_INODE_SIZE_BYTES + 4 else None
-
+        # The extra fields start at 0x80, and one counts only when i_extra_isize covers it.
+        # For example, i_ctime_extra at 0x84 needs i_extra_isize >= 8.
+        mtime_ns = _decode_time(mtime, mtime_extra if extra_isize >= 12 else None)
         info = InodeInfo(
             number=number,
             mode=mode,
@@ -373,13 +392,13 @@ class Ext4Reader:
             gid=gid_lo | gid_hi << 16,
             size=size_lo | size_hi << 32,
             links=links,
-            atime_ns=_decode_time(atime, extra(0x8C, atime_extra)),
-            mtime_ns=_decode_time(mtime, extra(0x88, mtime_extra)),
-            ctime_ns=_decode_time(ctime, extra(0x84, ctime_extra)),
+            atime_ns=_decode_time(atime, atime_extra if extra_isize >= 16 else None),
+            mtime_ns=mtime_ns,
+            ctime_ns=_decode_time(ctime, ctime_extra if extra_isize >= 8 else None),
             crtime_ns=(
-                _decode_time(crtime, extra(0x94, crtime_extra))
-                if extra(0x90, crtime) is not None
-                else _decode_time(mtime, extra(0x88, mtime_extra))
+                _decode_time(crtime, crtime_extra if extra_isize >= 24 else None)
+                if extra_isize >= 20
+                else mtime_ns
             ),
             flags=flags,
         )
@@ -469,29 +488,35 @@ class Ext4Reader:
 
     # Extents and data ----------------------------------------------------------------------
 
-    def _extents(self, number: int, raw: bytes, size: int) -> list[_Extent]:
-        i_block = raw[fmt.INODE_BLOCK_OFFSET : fmt.INODE_BLOCK_OFFSET + fmt.INODE_BLOCK_SIZE_BYTES]
-        flags = int.from_bytes(raw[0x20:0x24], "little")
-        if not flags & fmt.InodeFlags.EXTENTS:
+    def _extents(
+        self, number: int, raw: bytes, size: int, flags: int, generation: int
+    ) -> list[_Extent]:
+        if not flags & _EXT4_EXTENTS_FL:
             if size == 0:
                 return []
             raise UnsupportedError(
                 f"inode {number} maps its data with indirect blocks; lcow reads extent-mapped "
                 "files only"
             )
-        generation = int.from_bytes(raw[0x64:0x68], "little")
-        seed = self._inode_seed(number, generation)
+        i_block = raw[fmt.INODE_BLOCK_OFFSET : fmt.INODE_BLOCK_OFFSET + fmt.INODE_BLOCK_SIZE_BYTES]
         extents: list[_Extent] = []
+        if fmt.EXTENT_HEADER.unpack_from(i_block)[3] == 0:
+            # A tree of depth 0 lies entirely in the inode, whose checksum is already verified,
+            # so it needs no seed for extent block checksums.
+            seed = 0
+        else:
+            seed = self._inode_seed(number, generation)
         visited: set[int] = set()
         self._walk_node(number, i_block, None, seed, fmt.EXT_MAX_DEPTH, visited, extents)
 
         previous_end = 0
-        for extent in extents:
-            if extent.logical < previous_end:
+        blocks_count = self.blocks_count
+        for logical, physical, length, _initialized in extents:
+            if logical < previous_end:
                 raise self._corrupt(f"inode {number}'s extents overlap or are out of order")
-            if extent.physical + extent.length > self.blocks_count or extent.physical == 0:
+            if physical + length > blocks_count or physical == 0:
                 raise self._corrupt(f"inode {number} has an extent outside the filesystem")
-            previous_end = extent.logical + extent.length
+            previous_end = logical + length
         return extents
 
     def _walk_node(
@@ -526,7 +551,7 @@ class Ext4Reader:
                 initialized = length <= fmt.EXT_INIT_MAX_LEN
                 if not initialized:
                     length -= fmt.EXT_INIT_MAX_LEN
-                out.append(_Extent(logical, start_hi << 32 | start_lo, length, initialized))
+                out.append((logical, start_hi << 32 | start_lo, length, initialized))
                 continue
             _logical, leaf_lo, leaf_hi, _unused = fmt.EXTENT_INDEX.unpack_from(node, offset)
             child = leaf_hi << 32 | leaf_lo
@@ -546,27 +571,44 @@ class Ext4Reader:
             raise self._corrupt(f"inode {number}'s inline data is shorter than its size")
         return data[: info.size]
 
+    def data_runs(self, number: int) -> list[tuple[int, int, int]] | None:
+        """Return where a file's or symlink's content lies on the disk.
+
+        Each run is (offset in the file, offset on the device, length), all in bytes, in file
+        order and cut at the file's size. Gaps between runs are holes and read as zeros.
+        Returns None when the content is inline data in the inode, which read_data() reads.
+        """
+        raw = self._raw_inode(number)
+        _mode, size_lo, flags, generation, size_high = _INODE_DATA_FIELDS.unpack_from(raw)
+        if flags & _EXT4_INLINE_DATA_FL:
+            return None
+        size = size_lo | size_high << 32
+        block_size = self.block_size
+        runs: list[tuple[int, int, int]] = []
+        for logical, physical, length, initialized in self._extents(
+            number, raw, size, flags, generation
+        ):
+            if not initialized:
+                continue
+            start = logical * block_size
+            if start >= size:
+                break
+            runs.append((start, physical * block_size, min(length * block_size, size - start)))
+        return runs
+
     def read_data(self, number: int) -> Iterator[tuple[int, bytes]]:
         """Yield (offset, data) of a file's or symlink's content; gaps are holes."""
-        raw = self._raw_inode(number)
         info = self.inode(number)
-        if info.flags & fmt.InodeFlags.INLINE_DATA:
-            data = self._inline_data(number, raw, info)
+        runs = self.data_runs(number)
+        if runs is None:
+            data = self._inline_data(number, self._raw_inode(number), info)
             if data:
                 yield 0, data
             return
-        block_size = self.block_size
-        for extent in self._extents(number, raw, info.size):
-            if not extent.initialized:
-                continue
-            start = extent.logical * block_size
-            if start >= info.size:
-                break
-            remaining = min(extent.length * block_size, info.size - start)
-            physical = extent.physical * block_size
+        for start, physical, length in runs:
             position = 0
-            while position < remaining:
-                count = min(_READ_CHUNK_BYTES, remaining - position)
+            while position < length:
+                count = min(_READ_CHUNK_BYTES, length - position)
                 chunk = self.device.pread(count, physical + position)
                 if len(chunk) != count:
                     raise self._corrupt(
@@ -596,9 +638,10 @@ class Ext4Reader:
         """Yield (name, inode number, file type) of a directory, without ``.`` and ``..``."""
         raw = self._raw_inode(number)
         info = self.inode(number)
+        size, flags = info.size, info.flags
         if info.file_type != fmt.S_IFDIR:
             raise self._corrupt(f"inode {number} is not a directory")
-        if info.flags & fmt.InodeFlags.INLINE_DATA:
+        if flags & _EXT4_INLINE_DATA_FL:
             data = self._inline_data(number, raw, info)
             # Inline directories start with the parent's inode number instead of "." and "..".
             yield from self._parse_dirents(number, data, 4, len(data))
@@ -606,22 +649,24 @@ class Ext4Reader:
         generation = int.from_bytes(raw[0x64:0x68], "little")
         seed = self._inode_seed(number, generation)
         block_size = self.block_size
-        for extent in self._extents(number, raw, info.size):
-            if not extent.initialized:
+        for logical, physical, length, initialized in self._extents(
+            number, raw, size, flags, generation
+        ):
+            if not initialized:
                 continue
-            for index in range(extent.length):
-                if (extent.logical + index) * block_size >= info.size:
+            for index in range(length):
+                if (logical + index) * block_size >= size:
                     return
-                block = self.read_block(extent.physical + index)
-                if self._is_index_block(block, extent.logical + index, info.flags):
+                block = self.read_block(physical + index)
+                if self._is_index_block(block, logical + index, flags):
                     # htree index blocks hold no names; entry blocks follow as plain ones.
-                    self._verify_index_block(number, block, seed, extent.logical + index)
+                    self._verify_index_block(number, block, seed, logical + index)
                     continue
-                yield from self._dir_block(number, block, seed, info.flags)
+                yield from self._dir_block(number, block, seed, flags)
 
     def _is_index_block(self, block: bytes, logical: int, flags: int) -> bool:
         """Tell an htree index block: the root at block 0, or a node that looks empty."""
-        if not flags & fmt.InodeFlags.INDEX:
+        if not flags & _EXT4_INDEX_FL:
             return False
         inode, rec_len, _name_len, _type = fmt.DIR_ENTRY_HEADER.unpack_from(block, 0)
         if logical == 0:
@@ -669,7 +714,7 @@ class Ext4Reader:
             if has_tail:
                 if crc32c_raw(seed, block[:tail_offset]) != stored:
                     raise self._corrupt(f"directory inode {number} has a block with a bad checksum")
-            elif not flags & fmt.InodeFlags.INDEX:
+            elif not flags & _EXT4_INDEX_FL:
                 raise self._corrupt(f"directory inode {number} has a block without a checksum tail")
         end = tail_offset if has_tail else block_size
         yield from self._parse_dirents(number, block, 0, end)
@@ -729,7 +774,7 @@ class Ext4Reader:
             path = prefix + name
             info = self.inode(child)
             yield path, info
-            if stat.S_ISDIR(info.mode):
+            if info.mode & fmt.S_IFMT == fmt.S_IFDIR:
                 if child in seen_directories:
                     raise self._corrupt(f"directory inode {child} is reachable twice (a loop)")
                 seen_directories.add(child)
