@@ -34,6 +34,7 @@ from lcow.disk import open_disk
 from lcow.driver import LAYER_IMAGE, REMOVING_SUFFIX, TEMPORARY_SUFFIX, Driver
 from lcow.ext4.reader import Ext4Reader
 from lcow.layer.changes import ChangeKind, LayerTree, MergedView
+from lcow.servicevm.manager import SPARE_NAME
 from oracle import e2fsck_clean, loop_mount, run_tool, snapshot_tree
 
 DriverFactory = Callable[[], Driver]
@@ -127,16 +128,31 @@ def child_pids() -> frozenset[int]:
     return frozenset(pids)
 
 
+SPARE_START_LIMIT_S: Final = 60.0
+
+
 @dataclasses.dataclass(frozen=True)
 class ProcessResources:
-    """What a driver may hold in the test process: descriptors and child processes."""
+    """What a driver may hold in the test process: descriptors and child processes.
+
+    Given a driver, the capture waits until its spare service VM (prestart) has started and
+    leaves the spare's process and descriptors out: the spare belongs to no operation.
+    """
 
     open_fds: int
     children: frozenset[int]
 
     @classmethod
-    def capture(cls) -> ProcessResources:
-        return cls(open_fds=open_fd_count(), children=child_pids())
+    def capture(cls, driver: Driver | None = None) -> ProcessResources:
+        spare = None
+        if driver is not None and driver.service_vms.wait_for_spare(SPARE_START_LIMIT_S):
+            spare = driver.service_vms.spare
+        open_fds, children = open_fd_count(), child_pids()
+        if spare is not None:
+            assert spare.channel is not None
+            open_fds -= 2  # the spare's channel socket and its scratch disk
+            children -= {spare.pid()}  # type: ignore[attr-defined]
+        return cls(open_fds=open_fds, children=children)
 
 
 def removing_folders(root: Path) -> list[str]:
@@ -144,10 +160,14 @@ def removing_folders(root: Path) -> list[str]:
     return sorted(entry.name for entry in root.iterdir() if entry.name.endswith(REMOVING_SUFFIX))
 
 
-def scratch_disks(root: Path) -> list[str]:
-    """List the files in ``scratch/``, where each running service VM keeps its scratch disk."""
+def scratch_disks(root: Path, *, spare: bool = False) -> list[str]:
+    """List the files in ``scratch/``, where each running service VM keeps its scratch disk.
+
+    The spare service VM's disk is listed only with ``spare``: it belongs to no operation.
+    """
     scratch = root / "scratch"
-    return sorted(entry.name for entry in scratch.iterdir()) if scratch.is_dir() else []
+    names = sorted(entry.name for entry in scratch.iterdir()) if scratch.is_dir() else []
+    return [name for name in names if spare or not name.startswith(SPARE_NAME)]
 
 
 def temporary_files(root: Path) -> list[str]:

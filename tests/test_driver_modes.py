@@ -8,6 +8,7 @@ scratch disk, temporary file or descriptor may outlive the operation. The kernel
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import tarfile
@@ -15,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Final
+from typing import IO, Final, cast
 
 import pytest
 
@@ -23,9 +24,11 @@ pytest.register_assert_rewrite("driver_conformance")
 
 import driver_conformance as suite  # noqa: E402
 import tarbuild  # noqa: E402
+from lcow import driver as driver_module  # noqa: E402
 from lcow.driver import LAYER_IMAGE, Driver  # noqa: E402
 from lcow.errors import CorruptInputError, LcowError, ServiceVMError  # noqa: E402
 from lcow.servicevm.base import DEFAULT_STOP_TIMEOUT_S, ServiceVM  # noqa: E402
+from lcow.servicevm.manager import SPARE_NAME  # noqa: E402
 from lcow.servicevm.process import ProcessServiceVM  # noqa: E402
 
 SAFE_OPTIONS: Final = ["lcow.globalmode=false"]
@@ -52,6 +55,7 @@ TIMEOUT_TEST_LIMIT_S: Final = 120.0  # when the test stops waiting for ApplyDiff
 EARLY_CLOSE_BOUND_S: Final = DEFAULT_STOP_TIMEOUT_S
 LARGE_LAYER_FILES: Final = 8
 LARGE_LAYER_FILE_BYTES: Final = 1 << 20  # 8 MiB in all: far more than a pipe buffers
+SPARE_START_LIMIT_S: Final = 60.0
 
 
 @pytest.fixture
@@ -106,21 +110,38 @@ def worker_pid(service_vm: ServiceVM) -> int:
     return pid
 
 
-def service_vm_threads() -> list[str]:
-    """List the live threads that the driver names after its service VM work."""
+def service_vm_threads(driver: Driver) -> list[str]:
+    """List the live threads that the driver names after its service VM work.
+
+    The spare service VM's threads are left out, once the spare has started.
+    """
+    driver.service_vms.wait_for_spare(SPARE_START_LIMIT_S)
     return sorted(
         thread.name
         for thread in threading.enumerate()
-        if thread.name.startswith("lcow-") or thread.name.endswith("-replies")
+        if (thread.name.startswith("lcow-") or thread.name.endswith("-replies"))
+        and not thread.name.startswith(SPARE_NAME)
     )
 
 
 # --- safe mode -----------------------------------------------------------------------------
 
 
-def test_safe_mode_worker_per_operation(safe_driver: Driver) -> None:
-    driver = safe_driver
-    before = suite.ProcessResources.capture()
+def spare_resources(driver: Driver) -> tuple[list[str], frozenset[int]]:
+    """Wait for the spare service VM; return its scratch disk names and its pids."""
+    if not driver.service_vms.wait_for_spare(SPARE_START_LIMIT_S):
+        return [], frozenset()
+    spare = driver.service_vms.spare
+    assert isinstance(spare, ProcessServiceVM)
+    return [spare.scratch_path.name], frozenset([spare.pid()])  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("prestart", ["true", "false"])
+def test_safe_mode_worker_per_operation(root: Path, prestart: str) -> None:
+    """Each operation gets a worker of its own; only the spare outlives it, with prestart."""
+    driver = Driver(root, [*SAFE_OPTIONS, f"lcow.prestart={prestart}"])
+    before = suite.ProcessResources.capture(driver)
+    workers: list[int] = []
 
     steps: list[tuple[str, Callable[[], object], int]] = [
         ("Create", lambda: driver.create("base"), 0),
@@ -150,16 +171,33 @@ def test_safe_mode_worker_per_operation(safe_driver: Driver) -> None:
         ("Get and Put", lambda: get_and_put(driver, "sized"), 0),
         ("Remove", lambda: driver.remove("sized"), 0),
     ]
-    for name, operation, started in steps:
-        count = driver.service_vms.started_count
+    try:
+        for name, operation, started in steps:
+            count = driver.service_vms.started_count
+            spare_before = driver.service_vms.spare
 
-        operation()
+            operation()
 
-        assert driver.service_vms.started_count == count + started, name
-        assert driver.service_vms.running_names() == [], name
-        assert suite.scratch_disks(driver.root) == [], name
-        assert suite.child_pids() == before.children, name
-        assert suite.open_fd_count() == before.open_fds, name
+            assert driver.service_vms.started_count == count + started, name
+            assert driver.service_vms.running_names() == [], name
+            scratch, pids = spare_resources(driver)
+            if prestart == "false":
+                assert scratch == [], name
+            if started and spare_before is not None:
+                assert driver.service_vms.spare is not spare_before, name
+            assert suite.scratch_disks(driver.root, spare=True) == scratch, name
+            assert suite.child_pids() == before.children | pids, name
+            workers.extend(pids)
+    finally:
+        driver.cleanup()
+
+    assert suite.scratch_disks(driver.root, spare=True) == []
+    after = suite.ProcessResources.capture(driver)
+    assert after.children == before.children
+    assert after.open_fds == before.open_fds
+    if prestart == "true":
+        # Every operation that used a service VM left a new spare behind, never an old one.
+        assert len(set(workers)) == sum(1 for *_, started in steps if started)
 
 
 def test_diff_worker_until_close(safe_driver: Driver) -> None:
@@ -212,8 +250,9 @@ def test_global_cleanup_stops_worker(root: Path) -> None:
     assert not service_vm.running
     assert not Path(f"/proc/{pid}").exists()
     assert suite.scratch_disks(root) == []
-    assert suite.child_pids() == before.children
-    assert suite.open_fd_count() == before.open_fds
+    after = suite.ProcessResources.capture(driver)
+    assert after.children == before.children
+    assert after.open_fds == before.open_fds
 
 
 # --- isolation -----------------------------------------------------------------------------
@@ -278,7 +317,7 @@ def test_corrupt_tar_leaves_nothing(root: Path, mode: str, kind: str) -> None:
         driver.create("valid")
         driver.apply_diff("valid", None, small_layer())
         running = driver.service_vms.running_names()
-        before = suite.ProcessResources.capture()
+        before = suite.ProcessResources.capture(driver)
         driver.create("corrupt")
 
         with pytest.raises(CorruptInputError):
@@ -288,8 +327,9 @@ def test_corrupt_tar_leaves_nothing(root: Path, mode: str, kind: str) -> None:
         assert suite.temporary_files(root) == []
         assert driver.service_vms.running_names() == running
         assert len(suite.scratch_disks(root)) == len(running)
-        assert suite.child_pids() == before.children
-        assert suite.open_fd_count() == before.open_fds
+        after = suite.ProcessResources.capture(driver)
+        assert after.children == before.children
+        assert after.open_fds == before.open_fds
     finally:
         driver.cleanup()
 
@@ -301,7 +341,7 @@ def test_corrupt_tar_leaves_nothing(root: Path, mode: str, kind: str) -> None:
 
 def test_format_error_leaves_nothing(safe_driver: Driver) -> None:
     driver = safe_driver
-    before = suite.ProcessResources.capture()
+    before = suite.ProcessResources.capture(driver)
 
     # mke2fs cannot fit an ext4 into 64 KiB, so the worker fails the request.
     with pytest.raises(LcowError):
@@ -311,27 +351,33 @@ def test_format_error_leaves_nothing(safe_driver: Driver) -> None:
     assert suite.temporary_files(driver.root) == []
     assert driver.service_vms.running_names() == []
     assert suite.scratch_disks(driver.root) == []
-    assert suite.child_pids() == before.children
-    assert suite.open_fd_count() == before.open_fds
+    after = suite.ProcessResources.capture(driver)
+    assert after.children == before.children
+    assert after.open_fds == before.open_fds
 
 
 def test_diff_closed_early(safe_driver: Driver) -> None:
     driver = safe_driver
     driver.create("large")
     driver.apply_diff("large", None, large_layer())
-    before = suite.ProcessResources.capture()
+    before = suite.ProcessResources.capture(driver)
 
     diff = driver.diff("large", None)
-    assert len(diff.read(1024) or b"") == 1024
+    head = b""
+    while len(head) < 1024:  # a pipe read returns what the worker has written so far
+        chunk = diff.read(1024 - len(head))
+        assert chunk
+        head += chunk
     start = time.monotonic()
     diff.close()
     elapsed_s = time.monotonic() - start
 
     assert driver.service_vms.running_names() == []
     assert suite.scratch_disks(driver.root) == []
-    assert service_vm_threads() == []
-    assert suite.child_pids() == before.children
-    assert suite.open_fd_count() == before.open_fds
+    assert service_vm_threads(driver) == []
+    after = suite.ProcessResources.capture(driver)
+    assert after.children == before.children
+    assert after.open_fds == before.open_fds
     assert elapsed_s < EARLY_CLOSE_BOUND_S
 
 
@@ -356,7 +402,7 @@ def test_timeout_leaves_nothing(root: Path) -> None:
 
     try:
         os.write(write_end, header + bytes(4096))
-        before = suite.ProcessResources.capture()
+        before = suite.ProcessResources.capture(driver)
         thread = threading.Thread(target=apply, name="timeout-test-apply", daemon=True)
         start = time.monotonic()
         thread.start()
@@ -370,8 +416,9 @@ def test_timeout_leaves_nothing(root: Path) -> None:
         assert suite.temporary_files(root) == []
         assert driver.service_vms.running_names() == []
         assert suite.scratch_disks(root) == []
-        assert suite.child_pids() == before.children
-        assert suite.open_fd_count() == before.open_fds
+        after = suite.ProcessResources.capture(driver)
+        assert after.children == before.children
+        assert after.open_fds == before.open_fds
         assert elapsed_s <= TIMEOUT_BOUND_S
 
         # A thread blocked in the caller's read cannot be interrupted; it holds no
@@ -379,11 +426,51 @@ def test_timeout_leaves_nothing(root: Path) -> None:
         os.close(write_end)
         write_end = -1
         deadline = time.monotonic() + THREAD_END_LIMIT_S
-        while service_vm_threads() and time.monotonic() < deadline:
+        while service_vm_threads(driver) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert service_vm_threads() == []
+        assert service_vm_threads(driver) == []
     finally:
         if write_end >= 0:
             os.close(write_end)
         stream.close()
         driver.cleanup()
+
+
+def test_apply_diff_from_file_offset(
+    safe_driver: Driver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A layer file handed to the worker directly is read from the caller's position on."""
+    driver = safe_driver
+    fed: list[object] = []
+
+    class CountedFeeder(driver_module._Feeder):
+        def start(self) -> None:
+            fed.append(self.source)
+            super().start()
+
+    monkeypatch.setattr(driver_module, "_Feeder", CountedFeeder)
+    archive = large_layer().getvalue()
+    prefix = b"not part of the layer" * 100
+    source = tmp_path / "prefixed.tar"
+    source.write_bytes(prefix + archive)
+    driver.create("from-bytes")
+    driver.create("from-file")
+    driver.create("from-gzip")
+    gzipped = tmp_path / "layer.tar.gz"
+    gzipped.write_bytes(gzip.compress(archive))
+
+    size = driver.apply_diff("from-bytes", None, io.BytesIO(archive))
+    with source.open("rb") as diff:
+        diff.seek(len(prefix))
+        file_size = driver.apply_diff("from-file", None, diff)
+        position = diff.tell()
+    with gzip.open(gzipped, "rb") as wrapper:  # a wrapper: its bytes go through a pipe
+        gzip_size = driver.apply_diff("from-gzip", None, cast(IO[bytes], wrapper))
+
+    assert len(fed) == 2  # the BytesIO and the gzip stream; the file went to the worker
+    assert file_size == size
+    assert gzip_size == size
+    assert position == len(prefix) + len(archive)
+    image = (driver.root / "from-bytes" / LAYER_IMAGE).read_bytes()
+    assert (driver.root / "from-file" / LAYER_IMAGE).read_bytes() == image
+    assert (driver.root / "from-gzip" / LAYER_IMAGE).read_bytes() == image

@@ -62,6 +62,11 @@ class CliContext:
                 self._driver = Driver(self.root, list(self.storage_opts))
             except (LcowError, OSError) as err:
                 raise click.ClickException(f"failed to open the lcow store: {err}") from err
+            # A command is one process: stop the spare service VM the command started, and
+            # remove its scratch disk, before the process exits.
+            context = click.get_current_context(silent=True)
+            if context is not None:
+                context.find_root().call_on_close(self._driver.service_vms.terminate_all)
         return self._driver
 
 

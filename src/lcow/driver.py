@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -203,6 +204,7 @@ class Driver:
             )
             if self.options.backend == "qemu"
             else None,
+            prestart=self.options.prestart,
         )
         log.info(
             "initialised lcow store %s (%s backend, %s mode)",
@@ -570,17 +572,24 @@ class Driver:
             _temporary_file(folder, LAYER_IMAGE) as (fd, temporary),
             self.service_vms.acquire(layer_id) as service_vm,
         ):
-            read_end, write_end = os.pipe2(os.O_CLOEXEC)
+            direct = _reopen_regular_file(diff) if service_vm.reads_host_files else None
+            if direct is not None:
+                # The worker reads the caller's file itself: no copy through a pipe.
+                read_end, write_end = direct, -1
+            else:
+                read_end, write_end = os.pipe2(os.O_CLOEXEC)
             try:
                 input_slot = service_vm.attach(read_end)
                 output_slot = service_vm.attach(fd)
             except BaseException:
-                os.close(write_end)
+                if write_end >= 0:
+                    os.close(write_end)
                 raise
             finally:
                 os.close(read_end)
-            feeder = _Feeder(diff, write_end, consumed)
-            feeder.start()
+            feeder = _Feeder(diff, write_end, consumed) if write_end >= 0 else None
+            if feeder is not None:
+                feeder.start()
             try:
                 result = service_vm.request(
                     "tar2ext4",
@@ -593,11 +602,14 @@ class Driver:
                 # Detaching closes the worker's read end, which ends a blocked feeder.
                 _detach_quietly(service_vm, input_slot)
                 _detach_quietly(service_vm, output_slot)
-                feeder.stop()
-            if feeder.error is not None:
+                if feeder is not None:
+                    feeder.stop()
+            if feeder is not None and feeder.error is not None:
                 raise LcowError(
                     f"failed to read the diff of layer {layer_id}: {feeder.error}"
                 ) from feeder.error
+            if feeder is None:
+                diff.seek(0, os.SEEK_END)  # consumed, as it is after reading through a pipe
             os.fsync(fd)
             temporary.replace(folder / LAYER_IMAGE)
         fsync_directory(folder)
@@ -721,6 +733,32 @@ def _detach_quietly(service_vm: ServiceVM, slot: int) -> None:
     if service_vm.running:
         with contextlib.suppress(LcowError):
             service_vm.detach(slot)
+
+
+def _reopen_regular_file(stream: IO[bytes]) -> int | None:
+    """Open the regular file behind ``stream`` anew, at the stream's position, else None.
+
+    The new open file description has an offset of its own, so the worker's reads leave the
+    caller's descriptor alone. It is read-only whatever the caller's mode. Only plain file
+    objects qualify, because a wrapper such as gzip.GzipFile reports the file's descriptor
+    but a position in other bytes.
+    """
+    if type(stream) not in (io.FileIO, io.BufferedReader, io.BufferedRandom):
+        return None
+    try:
+        fileno = stream.fileno()
+        if not stat.S_ISREG(os.fstat(fileno).st_mode):
+            return None
+        position = stream.tell()
+    except (AttributeError, OSError, ValueError):
+        return None
+    try:
+        fd = os.open(f"/proc/self/fd/{fileno}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as err:
+        log.info("failed to reopen the diff stream's file, copying it through a pipe: %s", err)
+        return None
+    os.lseek(fd, position, os.SEEK_SET)
+    return fd
 
 
 def _seekable(stream: IO[bytes]) -> bool:

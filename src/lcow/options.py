@@ -26,6 +26,8 @@ OPTION_HELP: Final = {
     "lcow.vmmemory": "qemu backend: utility VM memory in MiB (default 1024)",
     "lcow.accel": "qemu backend: auto (default; KVM when a probe boot works), kvm or tcg",
     "lcow.hostmount": "true or false (default false): Get returns a mounted root (root only)",
+    "lcow.prestart": "true or false (default true): in safe mode with the process backend, "
+    "start the next operation's service VM while the current one runs",
 }
 
 
@@ -70,6 +72,7 @@ class DriverOptions:
     boot_parameters: str = ""
     vm_memory_mib: int = 1024
     accel: str = "auto"
+    prestart: bool = True
 
     @classmethod
     def parse(cls, options: Iterable[str] | Mapping[str, str] | None) -> "DriverOptions":
@@ -109,6 +112,8 @@ class DriverOptions:
                 values["timeout_s"] = _parse_seconds(key, value)
             elif key == "lcow.hostmount":
                 values["host_mount"] = _parse_bool(key, value)
+            elif key == "lcow.prestart":
+                values["prestart"] = _parse_bool(key, value)
             elif key == "lcow.kirdpath":
                 values["kird_path"] = _parse_nonempty(key, value)
             elif key in ("lcow.kernel", "lcow.initrd"):

@@ -209,6 +209,8 @@ class PluginHandler(http.server.BaseHTTPRequestHandler):
             if self.server.state.driver is not None:
                 self.server.state.driver.cleanup()
             self.server.state.driver = Driver(home or None, options)
+            # dockerd calls Init at its start, well before the first ApplyDiff.
+            self.server.state.driver.service_vms.start_spare()
         log.info("Init home=%s options=%s", home, options)
         self._send_json(200, {})
 

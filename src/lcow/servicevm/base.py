@@ -37,6 +37,10 @@ def _error_from_reply(error: dict[str, Any]) -> LcowError:
 class ServiceVM(abc.ABC):
     """A running worker reached over a channel socket; subclasses start and stop it."""
 
+    # Whether an attached regular file is read as a stream, as a pipe is. A utility VM
+    # sees every attached file as a disk instead.
+    reads_host_files = False
+
     def __init__(self, name: str, *, timeout_s: float) -> None:
         self.name = name
         self.timeout_s = timeout_s
@@ -64,6 +68,12 @@ class ServiceVM(abc.ABC):
         """Return whether the worker is alive."""
 
     # Channel --------------------------------------------------------------------------------
+
+    def rename(self, name: str) -> None:
+        """Give a started service VM a new name, its reply thread's included."""
+        self.name = name
+        if self._reader is not None:
+            self._reader.name = f"{name}-replies"
 
     def _start_reader(self) -> None:
         self._reader = threading.Thread(

@@ -4,6 +4,10 @@
   the driver's life; operations share it.
 - Safe mode (the default): a fresh service VM named ``<id>_svm`` per operation, terminated
   when the operation ends, also when it fails.
+- Prestart (safe mode, process backend): while an operation runs, the manager starts the
+  next operation's service VM, a spare that has served nothing yet. The next operation takes
+  it under its own name instead of waiting for a worker to start. Every operation still gets
+  a worker of its own, which stops when the operation ends.
 
 Each service VM gets its own scratch disk, a copy of ``cache/scratch.vhdx`` in
 ``scratch/<name>.vhdx``, hot-added at start and deleted when the service VM stops.
@@ -32,6 +36,8 @@ GLOBAL_NAME: Final = "_lcow_global_svm_"
 SCRATCH_SIZE_BYTES: Final = 1 << 30
 SCRATCH_DISK_ID: Final = b"lcow scratch vm\0"  # 16 bytes: the page 83 id of every scratch disk
 BACKENDS: Final = ("process", "qemu")
+PRESTART_BACKENDS: Final = ("process",)  # a spare qemu VM would hold its guest memory idle
+SPARE_NAME: Final = "_lcow_spare_svm_"
 
 
 class ServiceVMManager:
@@ -46,6 +52,7 @@ class ServiceVMManager:
         timeout_s: float = 300.0,
         hide: tuple[str, ...] = (),
         qemu: QemuConfig | None = None,
+        prestart: bool = False,
     ) -> None:
         if backend not in BACKENDS:
             raise ServiceVMError(f"unknown service VM backend {backend!r}")
@@ -61,7 +68,9 @@ class ServiceVMManager:
         self._global: ServiceVM | None = None
         self._global_start = threading.Lock()  # one boot of the global VM at a time
         self._running: dict[str, ServiceVM] = {}
-        self.started_count = 0
+        self.started_count = 0  # service VMs that began serving operations
+        self.prestart = prestart and backend in PRESTART_BACKENDS and not global_mode
+        self._spare: _SpareStart | None = None
 
     def __repr__(self) -> str:
         mode = "global" if self.global_mode else "safe"
@@ -127,7 +136,6 @@ class ServiceVMManager:
         with self._lock:
             assert self._running.get(name) is placeholder
             self._running[name] = service_vm
-            self.started_count += 1
         return service_vm
 
     def _stop(self, service_vm: ServiceVM) -> None:
@@ -160,18 +168,86 @@ class ServiceVMManager:
                 with self._global_start:
                     if self._global is None:
                         self._global = self._start(GLOBAL_NAME)
+                        self.started_count += 1
                     current = self._global
             yield current
             return
 
-        service_vm = self._start(f"{operation_id}_svm")
+        name = f"{operation_id}_svm"
+        service_vm = self._take_spare(name) if self.prestart else None
+        if service_vm is None:
+            service_vm = self._start(name)
+        with self._lock:
+            self.started_count += 1  # service VMs handed to operations, spares taken included
+        if self.prestart:
+            self.start_spare()
         try:
             yield service_vm
         finally:
             self._stop(service_vm)
 
+    def start_spare(self) -> None:
+        """Start a spare service VM in the background unless one is there already."""
+        with self._lock:
+            if self._spare is not None or not self.prestart:
+                return
+            self._spare = _SpareStart(self)
+            # Started under the lock, so whoever takes the spare can join its thread.
+            self._spare.start()
+
+    def wait_for_spare(self, timeout_s: float) -> bool:
+        """Wait until the spare service VM has started; return whether one is ready."""
+        with self._lock:
+            spare = self._spare
+        if spare is None:
+            return False
+        spare.join(timeout_s)
+        return spare.service_vm is not None
+
+    def _take_spare(self, name: str) -> ServiceVM | None:
+        """Return the spare service VM renamed to ``name``, or None when there is none.
+
+        A spare that is still starting is waited for, because it is further along than a
+        new start would be.
+        """
+        with self._lock:
+            spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        spare.join()
+        service_vm = spare.service_vm
+        if service_vm is None or not service_vm.running:
+            if service_vm is not None:
+                self._stop(service_vm)
+            return None
+        with self._lock:
+            new_name = self._unique_name(name)
+            if self._running.get(service_vm.name) is service_vm:
+                del self._running[service_vm.name]
+            service_vm.rename(new_name)
+            self._running[new_name] = service_vm
+        try:
+            # The spare's scratch name is free again for the next spare only after this.
+            scratch: Path = service_vm.scratch_path  # type: ignore[attr-defined]
+            renamed = scratch.rename(scratch.with_name(f"{new_name}.{os.getpid()}.vhdx"))
+            service_vm.scratch_path = renamed  # type: ignore[attr-defined]
+            service_vm.request("rename", name=new_name)
+        except (ServiceVMError, OSError) as err:
+            log.warning("failed to use the spare service VM as %s: %s", new_name, err)
+            self._stop(service_vm)
+            return None
+        return service_vm
+
     def terminate_all(self) -> None:
-        """Stop every service VM this manager started; used by Cleanup."""
+        """Stop every service VM this manager started, the spare included; used by Cleanup.
+
+        No spare is started after this; safe-mode operations start their own service VM.
+        """
+        with self._lock:
+            self.prestart = False
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.join()
         with self._lock:
             running = [vm for vm in self._running.values() if not isinstance(vm, _Starting)]
             self._global = None
@@ -180,8 +256,33 @@ class ServiceVMManager:
             self._stop(service_vm)
 
     def running_names(self) -> list[str]:
+        """List the service VMs that serve or start for operations; the spare is not one."""
         with self._lock:
-            return sorted(self._running)
+            return sorted(name for name in self._running if name != SPARE_NAME)
+
+    @property
+    def spare(self) -> ServiceVM | None:
+        """The spare service VM when it has started, else None."""
+        with self._lock:
+            spare = self._spare
+        if spare is None or spare.is_alive():
+            return None
+        return spare.service_vm
+
+
+class _SpareStart(threading.Thread):
+    """Start one spare service VM; ``service_vm`` is None until it started, or if it failed."""
+
+    def __init__(self, manager: ServiceVMManager) -> None:
+        super().__init__(name="lcow-spare-service-vm", daemon=True)
+        self.manager = manager
+        self.service_vm: ServiceVM | None = None
+
+    def run(self) -> None:
+        try:
+            self.service_vm = self.manager._start(SPARE_NAME)
+        except Exception as err:  # noqa: BLE001 - the next operation starts its own instead
+            log.warning("failed to start a spare service VM: %s", err)
 
 
 def _close_scratch(service_vm: ServiceVM) -> None:
