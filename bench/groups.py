@@ -12,6 +12,7 @@ from typing import Final
 
 from bench import lcow_cases, references
 from bench.inputs import Layer, describe
+from bench.lcow_cases import APPLY_DIFF, APPLY_DIFF_COLD, DIFF, DIFF_COLD
 from bench.report import Goal, rss_goal
 from bench.timing import Case
 from lcow.driver import Driver
@@ -19,6 +20,7 @@ from lcow.servicevm.manager import ServiceVMManager
 
 CREATE_READ_WRITE_LIMIT_S: Final = 0.020
 SERVICE_VM_START_LIMIT_S: Final = 0.050
+PRESTARTED_START_CASE: Final = "service VM start and stop, prestarted"
 SANDBOX_SIZES_GB: Final = {"20GiB": 20, "1TiB": 1024}  # lcow.sandboxsize is in GiB
 
 
@@ -42,7 +44,8 @@ def _plain(layer_path: Path) -> Group:
         yield [
             references.tar_extract(layer),
             references.shell_route(layer),
-            lcow_cases.apply_diff(layer, folder / "store"),
+            lcow_cases.apply_diff(layer, folder / "store", prestart=True),
+            lcow_cases.apply_diff(layer, folder / "store", prestart=False),
             lcow_cases.convert_in_process(layer),
             lcow_cases.convert_command(layer),
         ]
@@ -50,10 +53,11 @@ def _plain(layer_path: Path) -> Group:
     def goals(layer: Layer | None) -> list[Goal]:
         assert layer is not None
         result = []
-        if layer.kind in ("many-small", "huge"):
-            result.append(Goal("ApplyDiff", "ratio", 1.0, "tar -xf"))
-        result.append(Goal("ApplyDiff", "ratio", 0.4, "tar -xf + mkfs.ext4 -d"))
-        result.append(rss_goal(layer))
+        for case in (APPLY_DIFF, APPLY_DIFF_COLD):
+            if layer.kind in ("many-small", "huge"):
+                result.append(Goal(case, "ratio", 1.0, "tar -xf"))
+            result.append(Goal(case, "ratio", 0.4, "tar -xf + mkfs.ext4 -d"))
+            result.append(rss_goal(layer, case))
         return result
 
     return Group(f"plain/{layer_path.name}", layer_path, prepare, goals)
@@ -65,14 +69,19 @@ def _gzip(layer_path: Path) -> Group:
         assert layer is not None
         yield [
             references.tar_extract(layer),
-            lcow_cases.apply_diff(layer, folder / "store"),
+            lcow_cases.apply_diff(layer, folder / "store", prestart=True),
+            lcow_cases.apply_diff(layer, folder / "store", prestart=False),
             lcow_cases.convert_in_process(layer),
             lcow_cases.convert_command(layer),
         ]
 
     def goals(layer: Layer | None) -> list[Goal]:
         assert layer is not None
-        return [Goal("ApplyDiff", "ratio", 0.7, "tar -xzf"), rss_goal(layer)]
+        return [
+            goal
+            for case in (APPLY_DIFF, APPLY_DIFF_COLD)
+            for goal in (Goal(case, "ratio", 0.7, "tar -xzf"), rss_goal(layer, case))
+        ]
 
     return Group(f"gzip/{layer_path.name}", layer_path, prepare, goals)
 
@@ -84,11 +93,16 @@ def _export(layer_path: Path) -> Group:
         store = folder / "store"
         image = lcow_cases.keep_layer(layer, store, "exported")
         with references.LoopMount(image, folder / "mnt") as mount_point:
-            yield [references.tar_create(mount_point), lcow_cases.export(store, "exported")]
+            yield [
+                references.tar_create(mount_point),
+                lcow_cases.export(store, "exported", prestart=True),
+                lcow_cases.export(store, "exported", prestart=False),
+            ]
 
     def goals(layer: Layer | None) -> list[Goal]:
         del layer
-        return [Goal("Diff", "ratio", 1.0, "tar -c of the mounted image")]
+        reference = "tar -c of the mounted image"
+        return [Goal(case, "ratio", 1.0, reference) for case in (DIFF, DIFF_COLD)]
 
     return Group(f"export/{layer_path.name}", layer_path, prepare, goals)
 
@@ -121,15 +135,21 @@ def _service_vm_start() -> Group:
         store = folder / "store"
         for name in ("cache", "scratch"):
             (store / name).mkdir(parents=True, exist_ok=True)
-        manager = ServiceVMManager(store, global_mode=False)
+        prestarted = ServiceVMManager(store, global_mode=False, prestart=True)
+        cold = ServiceVMManager(store, global_mode=False, prestart=False)
         try:
-            yield [references.interpreter_start(), lcow_cases.service_vm_start(manager)]
+            yield [
+                references.interpreter_start(),
+                lcow_cases.service_vm_start(prestarted, PRESTARTED_START_CASE),
+                lcow_cases.service_vm_start(cold, "service VM start and stop, cold"),
+            ]
         finally:
-            manager.terminate_all()
+            prestarted.terminate_all()
+            cold.terminate_all()
 
     def goals(layer: Layer | None) -> list[Goal]:
         del layer
-        return [Goal("service VM start and stop", "seconds", SERVICE_VM_START_LIMIT_S)]
+        return [Goal(PRESTARTED_START_CASE, "seconds", SERVICE_VM_START_LIMIT_S)]
 
     return Group("service_vm_start", None, prepare, goals)
 
