@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from types import FrameType
 from typing import Any, Final
 
 from bench import groups, inputs, machine, report
+from bench.floor import floor
 from bench.output import output_folder
 from bench.profile import profile
 from bench.report import GroupResult
@@ -60,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="Profile one lcow measurement instead: [convert_tar|export:]INPUT, for example "
         "L3-node-modules.tar; prints the top 20 entries of cProfile.",
+    )
+    parser.add_argument(
+        "--floor",
+        metavar="INPUT",
+        help="Time the reading side alone instead: a bare libarchive loop and lcow's "
+        "TarReader against tar -xf, and Ext4Reader.walk against tar -c, on INPUT.",
     )
     return parser
 
@@ -125,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             print(group.group_id)
         return 0
     selected = _select(plan, arguments.only)
-    if arguments.profile:
+    if arguments.profile or arguments.floor:
         selected = []
     else:
         problem = _check(arguments, selected)
@@ -135,10 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
     with output_folder(arguments.output_dir) as folder:
-        if arguments.profile:
+        if arguments.profile or arguments.floor:
             try:
-                print(profile(arguments.profile, folder))
-            except (OSError, ValueError) as err:
+                if arguments.profile:
+                    print(profile(arguments.profile, folder))
+                else:
+                    print(floor(arguments.floor, folder))
+            except (OSError, ValueError, subprocess.CalledProcessError) as err:
                 return _cannot_run(str(err))
             return 0
 
