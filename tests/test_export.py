@@ -19,7 +19,7 @@ import subprocess
 import tarfile
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -140,11 +140,10 @@ def vhd2tar(image: Path, output: Path, *options: str) -> None:
     assert result.exit_code == 0, result.output
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
-    folder = tmp_path_factory.mktemp("export")
+def export_layer(folder: Path, layer_members: Sequence[tarbuild.Member]) -> Exported:
+    """Convert a tar of ``layer_members`` and export the image with ``lcow vhd2tar``."""
     layer_tar = folder / "layer.tar"
-    layer_tar.write_bytes(tarbuild.tar_bytes(LAYER_MEMBERS))
+    layer_tar.write_bytes(tarbuild.tar_bytes(layer_members))
     image = folder / "layer.vhd"
     convert_tar(layer_tar, image)
     tar_path = folder / "export.tar"
@@ -152,12 +151,18 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
     vhd2tar(image, tar_path)
 
     members = read_members(tar_path.read_bytes())
+    names = [os.fsdecode(oracle.normalize_member_name(m.name)) for m in members]
     return Exported(
         image=image,
         tar_path=tar_path,
-        members={oracle.normalize_member_name(m.name).decode(): m for m in members},
-        order=[oracle.normalize_member_name(m.name).decode() for m in members],
+        members=dict(zip(names, members, strict=True)),
+        order=names,
     )
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    return export_layer(tmp_path_factory.mktemp("export"), LAYER_MEMBERS)
 
 
 def test_export_gnu_tar_lists(exported: Exported) -> None:
@@ -305,23 +310,7 @@ EDGE_MEMBERS: Final = (
 
 @pytest.fixture(scope="module")
 def edge_export(tmp_path_factory: pytest.TempPathFactory) -> Exported:
-    folder = tmp_path_factory.mktemp("export-edges")
-    layer_tar = folder / "layer.tar"
-    layer_tar.write_bytes(tarbuild.tar_bytes(EDGE_MEMBERS))
-    image = folder / "layer.vhd"
-    convert_tar(layer_tar, image)
-    tar_path = folder / "export.tar"
-
-    vhd2tar(image, tar_path)
-
-    members = read_members(tar_path.read_bytes())
-    names = [os.fsdecode(oracle.normalize_member_name(m.name)) for m in members]
-    return Exported(
-        image=image,
-        tar_path=tar_path,
-        members=dict(zip(names, members, strict=True)),
-        order=names,
-    )
+    return export_layer(tmp_path_factory.mktemp("export-edges"), EDGE_MEMBERS)
 
 
 def member(exported: Exported, name: str | bytes) -> tarfile.TarInfo:
