@@ -774,6 +774,24 @@ def test_checksum_mismatch_rejected(target: str, source_folder: Path, tmp_path: 
     assert "checksum" in str(raised.value)
 
 
+@pytest.mark.parametrize("table_block", [0, 1 << 31])
+def test_inode_table_outside_rejected(table_block: int, tmp_path: Path) -> None:
+    """A group whose inode table starts at block 0 or past the end is corrupt.
+
+    debugfs moves the table and recomputes the descriptor's checksum, so only the bounds
+    check can catch it.
+    """
+    image = lcow_base_image(tmp_path)
+    requests = tmp_path / "requests"
+    requests.write_text(f"set_bg 0 inode_table {table_block}\nset_bg 0 checksum calc\n")
+    run_tool(["debugfs", "-w", "-f", str(requests), str(image)])
+
+    with pytest.raises(CorruptInputError) as raised, open_reader(image) as reader:
+        read_everything(reader)
+
+    assert "inode table at block" in str(raised.value)
+
+
 # --- fuzzing ---------------------------------------------------------------------------------
 
 FUZZ_IMAGE_BYTES: Final = 8 * MIB

@@ -265,7 +265,7 @@ class Ext4Reader:
                         f"{expected & 0xFFFF:#06x}"
                     )
             table_blocks = -(-self.inodes_per_group * self.inode_size // self.block_size)
-            if not table > 0 and table + table_blocks <= self.blocks_count:
+            if not (table > 0 and table + table_blocks <= self.blocks_count):
                 raise self._corrupt(f"group {group}'s inode table at block {table}")
             self.inode_tables.append(table)
 
