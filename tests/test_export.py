@@ -464,16 +464,20 @@ SPARSE_FILE: Final = treegen.FileData(
 )
 
 
-def test_export_sparse_file(tmp_path: Path) -> None:
-    """Holes read as zeros, and tarfile and GNU tar both read back the file's bytes."""
-    layer_tar = tmp_path / "sparse.tar"
-    tree = treegen.Tree(
-        (treegen.Entry("sparse.bin", treegen.Kind.FILE, data=SPARSE_FILE, sparse=True),)
-    )
+def sparse_file_image(folder: Path, name: str, data: treegen.FileData) -> Path:
+    """Convert a layer of one sparse file, NAME.bin, to FOLDER/NAME.vhd."""
+    layer_tar = folder / f"{name}.tar"
+    tree = treegen.Tree((treegen.Entry(f"{name}.bin", treegen.Kind.FILE, data=data, sparse=True),))
     with layer_tar.open("wb") as output:
         treegen.write_tar(tree, output)
-    image = tmp_path / "sparse.vhd"
+    image = folder / f"{name}.vhd"
     convert_tar(layer_tar, image)
+    return image
+
+
+def test_export_sparse_file(tmp_path: Path) -> None:
+    """Holes read as zeros, and tarfile and GNU tar both read back the file's bytes."""
+    image = sparse_file_image(tmp_path, "sparse", SPARSE_FILE)
     tar_path = tmp_path / "export.tar"
     expected = expected_bytes(SPARSE_FILE, 0, SPARSE_FILE.size)
 
@@ -537,14 +541,7 @@ def test_export_huge_sparse_file(tmp_path: Path) -> None:
     dd writes what GNU tar extracts with holes for all-zero blocks, so nothing near 8 GiB
     reaches the disk.
     """
-    layer_tar = tmp_path / "huge.tar"
-    tree = treegen.Tree(
-        (treegen.Entry("huge.bin", treegen.Kind.FILE, data=HUGE_FILE, sparse=True),)
-    )
-    with layer_tar.open("wb") as output:
-        treegen.write_tar(tree, output)
-    image = tmp_path / "huge.vhd"
-    convert_tar(layer_tar, image)
+    image = sparse_file_image(tmp_path, "huge", HUGE_FILE)
     copy = tmp_path / "huge.copy"
     sink = f"dd of={shlex.quote(str(copy))} bs=1M iflag=fullblock conv=sparse status=none"
     tar = subprocess.Popen(
