@@ -37,6 +37,16 @@ class Group:
         return None if self.layer_path is None else describe(self.layer_path)
 
 
+def _conversion_cases(layer: Layer, store: Path) -> list[Case]:
+    """List the lcow cases of a plain or gzip group: ApplyDiff twice, convert_tar, tar2vhd."""
+    return [
+        lcow_cases.apply_diff(layer, store, prestart=True),
+        lcow_cases.apply_diff(layer, store, prestart=False),
+        lcow_cases.convert_in_process(layer),
+        lcow_cases.convert_command(layer),
+    ]
+
+
 def _plain(layer_path: Path) -> Group:
     @contextlib.contextmanager
     def prepare(folder: Path, layer: Layer | None) -> Iterator[list[Case]]:
@@ -44,10 +54,7 @@ def _plain(layer_path: Path) -> Group:
         yield [
             references.tar_extract(layer),
             references.shell_route(layer),
-            lcow_cases.apply_diff(layer, folder / "store", prestart=True),
-            lcow_cases.apply_diff(layer, folder / "store", prestart=False),
-            lcow_cases.convert_in_process(layer),
-            lcow_cases.convert_command(layer),
+            *_conversion_cases(layer, folder / "store"),
         ]
 
     def goals(layer: Layer | None) -> list[Goal]:
@@ -67,13 +74,7 @@ def _gzip(layer_path: Path) -> Group:
     @contextlib.contextmanager
     def prepare(folder: Path, layer: Layer | None) -> Iterator[list[Case]]:
         assert layer is not None
-        yield [
-            references.tar_extract(layer),
-            lcow_cases.apply_diff(layer, folder / "store", prestart=True),
-            lcow_cases.apply_diff(layer, folder / "store", prestart=False),
-            lcow_cases.convert_in_process(layer),
-            lcow_cases.convert_command(layer),
-        ]
+        yield [references.tar_extract(layer), *_conversion_cases(layer, folder / "store")]
 
     def goals(layer: Layer | None) -> list[Goal]:
         assert layer is not None

@@ -34,6 +34,7 @@ from lcow.disk import open_disk
 from lcow.driver import LAYER_IMAGE, REMOVING_SUFFIX, TEMPORARY_SUFFIX, Driver
 from lcow.ext4.reader import Ext4Reader
 from lcow.layer.changes import ChangeKind, LayerTree, MergedView
+from lcow.servicevm.base import ServiceVM
 from lcow.servicevm.manager import SPARE_NAME
 from oracle import e2fsck_clean, loop_mount, run_tool, snapshot_tree
 
@@ -131,6 +132,13 @@ def child_pids() -> frozenset[int]:
 SPARE_START_LIMIT_S: Final = 60.0
 
 
+def ready_spare(driver: Driver) -> ServiceVM | None:
+    """Wait until the driver's spare service VM has started; return it, or None without one."""
+    if not driver.service_vms.wait_for_spare(SPARE_START_LIMIT_S):
+        return None
+    return driver.service_vms.spare
+
+
 @dataclasses.dataclass(frozen=True)
 class ProcessResources:
     """What a driver may hold in the test process: descriptors and child processes.
@@ -144,9 +152,7 @@ class ProcessResources:
 
     @classmethod
     def capture(cls, driver: Driver | None = None) -> ProcessResources:
-        spare = None
-        if driver is not None and driver.service_vms.wait_for_spare(SPARE_START_LIMIT_S):
-            spare = driver.service_vms.spare
+        spare = ready_spare(driver) if driver is not None else None
         open_fds, children = open_fd_count(), child_pids()
         if spare is not None:
             assert spare.channel is not None

@@ -55,7 +55,6 @@ TIMEOUT_TEST_LIMIT_S: Final = 120.0  # when the test stops waiting for ApplyDiff
 EARLY_CLOSE_BOUND_S: Final = DEFAULT_STOP_TIMEOUT_S
 LARGE_LAYER_FILES: Final = 8
 LARGE_LAYER_FILE_BYTES: Final = 1 << 20  # 8 MiB in all: far more than a pipe buffers
-SPARE_START_LIMIT_S: Final = 60.0
 
 
 @pytest.fixture
@@ -115,7 +114,7 @@ def service_vm_threads(driver: Driver) -> list[str]:
 
     The spare service VM's threads are left out, once the spare has started.
     """
-    driver.service_vms.wait_for_spare(SPARE_START_LIMIT_S)
+    suite.ready_spare(driver)
     return sorted(
         thread.name
         for thread in threading.enumerate()
@@ -129,9 +128,9 @@ def service_vm_threads(driver: Driver) -> list[str]:
 
 def spare_resources(driver: Driver) -> tuple[list[str], frozenset[int]]:
     """Wait for the spare service VM; return its scratch disk names and its pids."""
-    if not driver.service_vms.wait_for_spare(SPARE_START_LIMIT_S):
+    spare = suite.ready_spare(driver)
+    if spare is None:
         return [], frozenset()
-    spare = driver.service_vms.spare
     assert isinstance(spare, ProcessServiceVM)
     return [spare.scratch_path.name], frozenset([spare.pid()])  # type: ignore[attr-defined]
 
