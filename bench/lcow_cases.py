@@ -52,9 +52,9 @@ def apply_diff(layer: Layer, store: Path, *, prestart: bool) -> Case:
     """Time Driver.apply_diff in safe mode (a new worker per call), process backend.
 
     With ``prestart`` the driver's spare worker is ready before the timer starts, as in a
-    running driver; without, the call is a new driver's first and starts its worker. The
-    peak RSS is the worker's: the child process reads ``ru_maxrss`` of its reaped children
-    after the call, and the worker is the only large one.
+    running driver. Without it, the call is a new driver's first and starts its worker.
+    The peak RSS is the worker's, because the child process reads ``ru_maxrss`` of its
+    reaped children after the call and the worker is the only large one.
     """
     # NOTE: the kernel also counts the driver process's RSS at the moment it forks unshare
     # (about 33 MB here), so a worker smaller than that reads as the driver's size.
@@ -167,10 +167,10 @@ def create_read_write(driver: Driver) -> Case:
 def service_vm_start(manager: ServiceVMManager, name: str) -> Case:
     """Time a safe-mode service VM from ServiceVMManager.acquire to its terminate.
 
-    With prestart, the spare is made ready before the timer starts, as it is in a driver
-    whose operations do not follow each other within a worker's start time; acquire then
-    takes it. Without prestart, acquire starts the worker and waits for its hello. The end of
-    the ``with`` block stops it.
+    With prestart, the spare is ready before the timer starts, as in a driver whose
+    operations are further apart than a worker's start time, and acquire takes it. Without
+    prestart, acquire starts the worker and waits for its hello. The end of the ``with``
+    block stops the worker.
     """
 
     def run(scratch: Path) -> Sample:

@@ -52,8 +52,8 @@ class BlockAllocator:
     next_block: int = 0
     free_runs: list[tuple[int, int]] = field(default_factory=list)  # (start, length)
     _region_starts: list[int] = field(default_factory=list)
-    # A range [start, end) of blocks without a region and below max_blocks, which lets
-    # allocate() skip the region search; regions never move, so it stays valid.
+    # A range [start, end) of blocks below max_blocks that holds no region, so allocate()
+    # can skip the region search there. Regions never move, so the range stays valid.
     _clear_start: int = 0
     _clear_end: int = 0
 

@@ -101,8 +101,8 @@ def _normalise_components(raw: bytes, entry: bytes) -> list[bytes]:
     for index, name in enumerate(components):
         limit = fmt.EXT4_NAME_LEN
         if index == len(components) - 1 and name.startswith(WHITEOUT_PREFIX):
-            # A whiteout names a file of up to 255 bytes, so its own name may be 4 longer;
-            # the image stores the file's name without the prefix.
+            # A whiteout names a file of up to 255 bytes, so its own name may be 4 bytes
+            # longer. The image stores the file's name without the prefix.
             limit += len(WHITEOUT_PREFIX)
         if len(name) > limit:
             raise InvalidArgumentError(

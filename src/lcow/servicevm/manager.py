@@ -192,7 +192,7 @@ class ServiceVMManager:
             if self._spare is not None or not self.prestart:
                 return
             self._spare = _SpareStart(self)
-            # Started under the lock, so whoever takes the spare can join its thread.
+            # Started under the lock, so that _take_spare never joins an unstarted thread.
             self._spare.start()
 
     def wait_for_spare(self, timeout_s: float) -> bool:
