@@ -23,7 +23,7 @@ from lcow.ext4.reader import Ext4Reader
 from lcow.ext4.writer import DEFAULT_MAX_SIZE_BYTES
 from lcow.layer.export import export_tar
 from lcow.layer.tar2ext4 import atomic_output, convert_tar
-from lcow.layer.tarstream import READ_CHUNK_BYTES
+from lcow.layer.tarstream import SOURCE_BUFFER_BYTES
 from lcow.options import parse_size
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ def tar2vhd(source: str, output: str, raw: bool, max_size: str, progress: bool |
         raw_input = sys.stdin.buffer if source == "-" else open(source, "rb", buffering=0)  # noqa: SIM115
         with bar, raw_input:
             counted = io.BufferedReader(
-                _CountingReader(raw_input, bar), buffer_size=READ_CHUNK_BYTES
+                _CountingReader(raw_input, bar), buffer_size=SOURCE_BUFFER_BYTES
             )
             stats = convert_tar(counted, output, vhd_footer=not raw, max_size_bytes=max_size_bytes)
     except LcowError as err:

@@ -39,6 +39,9 @@ READ_AHEAD_CHUNKS: Final = 4  # chunks in flight: one held by libarchive, the re
 # 4 chunks of 256 KiB stay in the CPU's L2 and L3 caches between the read and the write.
 READ_AHEAD_CHUNK_BYTES: Final = 256 << 10
 READ_AHEAD_JOIN_S: Final = 5.0
+# A layer file's BufferedReader stays smaller than a read-ahead chunk: it then reads whole
+# chunks straight into the chunk's buffer, where a larger one copies each through its own.
+SOURCE_BUFFER_BYTES: Final = 64 << 10
 GZIP_MAGIC: Final = b"\x1f\x8b"
 ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
 
@@ -520,5 +523,5 @@ class TarReader:
 def open_source(path: str | os.PathLike[str]) -> IO[bytes]:
     """Open a layer file (or ``-`` for stdin) for :class:`LayerStream`."""
     if os.fspath(path) == "-":
-        return io.BufferedReader(io.FileIO(os.dup(0), "rb"), buffer_size=READ_CHUNK_BYTES)
-    return open(path, "rb", buffering=READ_CHUNK_BYTES)
+        return io.BufferedReader(io.FileIO(os.dup(0), "rb"), buffer_size=SOURCE_BUFFER_BYTES)
+    return open(path, "rb", buffering=SOURCE_BUFFER_BYTES)

@@ -35,6 +35,7 @@ from lcow.ext4.reader import Ext4Reader
 from lcow.layer import changes as changes_module
 from lcow.layer.export import export_tar
 from lcow.layer.tar2ext4 import convert_stream, vhd_unique_id
+from lcow.layer.tarstream import SOURCE_BUFFER_BYTES
 from lcow.servicevm import protocol
 
 log = logging.getLogger("lcow.servicevm.worker")
@@ -191,7 +192,7 @@ class Worker:
     def op_tar2ext4(self, request: dict[str, Any]) -> dict[str, Any]:
         source_fd = self._slot(request["input"])
         output_fd = self._slot(request["output"])
-        source: IO[bytes] = os.fdopen(os.dup(source_fd), "rb", buffering=1 << 20)
+        source: IO[bytes] = os.fdopen(os.dup(source_fd), "rb", buffering=SOURCE_BUFFER_BYTES)
         with source:
             stats, digest = convert_stream(
                 source, output_fd, max_size_bytes=int(request["max_size_bytes"])
