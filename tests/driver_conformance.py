@@ -544,6 +544,15 @@ def check_diff_apply(
             applied_size = driver.apply_diff("applied", "base", diff)
         assert applied_size == diff_size
 
+        # write_diff writes the same tar into a file, by the worker's hand or by a copy.
+        with io.BufferedReader(driver.diff("child", "base")) as diff:
+            streamed = diff.read()
+        written = work / "written.tar"
+        with written.open("wb") as output:
+            written_size = driver.write_diff("child", "base", output)
+        assert written_size == len(streamed)
+        assert written.read_bytes() == streamed
+
         applied_changes = driver.changes("applied", "base")
         assert sorted(applied_changes) == sorted(child_changes)
 

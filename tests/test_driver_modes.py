@@ -14,6 +14,7 @@ import os
 import tarfile
 import threading
 import time
+import tty
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Final, cast
@@ -353,6 +354,96 @@ def test_format_error_leaves_nothing(safe_driver: Driver) -> None:
     after = suite.ProcessResources.capture(driver)
     assert after.children == before.children
     assert after.open_fds == before.open_fds
+
+
+def read_all(fd: int, length: int, into: list[bytes]) -> None:
+    """Read ``length`` bytes from ``fd`` into ``into``, as a consumer of the tar would."""
+    received = b""
+    while len(received) < length:
+        chunk = os.read(fd, length - len(received))
+        if not chunk:
+            break
+        received += chunk
+    into.append(received)
+
+
+def test_write_diff_outputs(
+    safe_driver: Driver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """write_diff hands a regular file or a pipe to the worker and copies for anything else.
+
+    Every output gets the bytes of Diff's stream. A file keeps what the caller wrote before
+    and ends at the caller's new position. A terminal never reaches the worker.
+    """
+    driver = safe_driver
+    copies: list[object] = []
+    real_copy = driver_module._copy_stream
+
+    def counted_copy(stream: io.RawIOBase, output: IO[bytes]) -> int:
+        copies.append(output)
+        return real_copy(stream, output)
+
+    monkeypatch.setattr(driver_module, "_copy_stream", counted_copy)
+    driver.create("large")
+    driver.apply_diff("large", None, large_layer())
+    with io.BufferedReader(driver.diff("large", None)) as diff:
+        streamed = diff.read()
+    before = suite.ProcessResources.capture(driver)
+
+    prefix = b"written by the caller before the tar"
+    output_path = tmp_path / "diff.tar"
+    with output_path.open("wb") as output:
+        output.write(prefix)  # still in the BufferedWriter's buffer
+        file_size = driver.write_diff("large", None, output)
+        file_position = output.tell()
+
+    read_end, write_end = os.pipe()
+    received: list[bytes] = []
+    reader = threading.Thread(target=read_all, args=(read_end, len(streamed), received))
+    reader.start()
+    with os.fdopen(write_end, "wb") as pipe_output:
+        pipe_size = driver.write_diff("large", None, pipe_output)
+    reader.join(THREAD_END_LIMIT_S)
+    os.close(read_end)
+
+    in_memory = io.BytesIO()
+    memory_size = driver.write_diff("large", None, in_memory)
+
+    controller, terminal = os.openpty()
+    tty.setraw(terminal)  # no line discipline: the bytes arrive as written
+    from_terminal: list[bytes] = []
+    reader = threading.Thread(target=read_all, args=(controller, len(streamed), from_terminal))
+    reader.start()
+    with os.fdopen(terminal, "wb") as terminal_output:
+        terminal_size = driver.write_diff("large", None, terminal_output)
+    reader.join(THREAD_END_LIMIT_S)
+    os.close(controller)
+
+    assert output_path.read_bytes() == prefix + streamed
+    assert file_size == len(streamed)
+    assert file_position == len(prefix) + len(streamed)
+    assert received == [streamed]
+    assert pipe_size == len(streamed)
+    assert in_memory.getvalue() == streamed
+    assert memory_size == len(streamed)
+    assert from_terminal == [streamed]
+    assert terminal_size == len(streamed)
+    assert copies == [in_memory, terminal_output]
+    after = suite.ProcessResources.capture(driver)
+    assert after.children == before.children
+    assert after.open_fds == before.open_fds
+
+
+def test_write_diff_empty_layer(safe_driver: Driver) -> None:
+    driver = safe_driver
+    driver.create("empty")
+    output = io.BytesIO()
+
+    size = driver.write_diff("empty", None, output)
+
+    assert size == len(output.getvalue()) == 10240
+    with tarfile.open(fileobj=io.BytesIO(output.getvalue())) as archive:
+        assert archive.getmembers() == []
 
 
 def test_diff_closed_early(safe_driver: Driver) -> None:

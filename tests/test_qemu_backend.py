@@ -17,6 +17,7 @@ import shutil
 import stat
 import subprocess
 import tarfile
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,6 +123,10 @@ def _run_operations(driver: Driver, layer_tar: bytes) -> dict[str, object]:
     results["apply_size"] = driver.apply_diff("base", None, io.BytesIO(layer_tar))
     with driver.diff("base") as stream:
         results["diff"] = stream.read()
+    # A utility VM takes a regular file as a disk, so write_diff copies the stream into it.
+    with tempfile.TemporaryFile("wb") as output:
+        written_size = driver.write_diff("base", None, output)
+        results["written_diff"] = os.pread(output.fileno(), written_size + 1, 0)
     driver.create_read_write("container", "base")
     driver.create_read_write("other-size", "base", {"size": "2G"})
     with driver.diff("container", "base") as stream:
@@ -161,10 +166,12 @@ def test_driver_operations_equal_process_backend(
     finally:
         driver.cleanup()
 
-    assert started == (1 if global_mode else 6)
+    assert started == (1 if global_mode else 7)
     assert results["layer_sha256"] == process_results["layer_sha256"]
     assert results["apply_size"] == process_results["apply_size"]
     assert results["diff"] == process_results["diff"]
+    assert results["written_diff"] == results["diff"]
+    assert process_results["written_diff"] == process_results["diff"]
     assert results["sandbox_diff"] == process_results["sandbox_diff"]
     assert results["changes"] == process_results["changes"]
     assert results["sandbox_tree"] == process_results["sandbox_tree"]

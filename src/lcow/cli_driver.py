@@ -9,7 +9,6 @@ reference counts belong to the process that holds them.
 
 import json
 import logging
-import shutil
 import signal
 import sys
 import threading
@@ -176,12 +175,11 @@ def diff(context: CliContext, layer_id: str, parent: str | None, output: str) ->
     driver = context.driver()
 
     def export() -> None:
-        with driver.diff(layer_id, parent) as stream:
-            if output == "-":
-                shutil.copyfileobj(stream, sys.stdout.buffer)
-                return
-            with atomic_output(Path(output)) as file:
-                shutil.copyfileobj(stream, file)
+        if output == "-":
+            driver.write_diff(layer_id, parent, sys.stdout.buffer)
+            return
+        with atomic_output(Path(output)) as file:
+            driver.write_diff(layer_id, parent, file)
 
     _run(context, f"diff layer {layer_id}", export)
 

@@ -56,6 +56,7 @@ from lcow.errors import (
 )
 from lcow.ext4.writer import DEFAULT_MAX_SIZE_BYTES
 from lcow.hostmount import HostMounts
+from lcow.layer.export import output_descriptor
 from lcow.layer.tar2ext4 import fsync_directory
 from lcow.options import DriverOptions, parse_size
 from lcow.servicevm.base import ServiceVM
@@ -75,6 +76,7 @@ LAYER_ID: Final = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 FEED_CHUNK_BYTES: Final = 1 << 20
 DEFAULT_ROOT: Final = "/var/lib/lcow"
 FEEDER_JOIN_S: Final = 1.0
+EMPTY_TAR: Final = bytes(10240)  # a tar with no members: its end marker, padded to one record
 REMOVE_WAIT_S: Final = 15.0
 MIN_SANDBOX_BYTES: Final = 16 << 20
 LOCK_POLL_S: Final = 0.05
@@ -572,7 +574,7 @@ class Driver:
             _temporary_file(folder, LAYER_IMAGE) as (fd, temporary),
             self.service_vms.acquire(layer_id) as service_vm,
         ):
-            direct = _reopen_regular_file(diff) if service_vm.reads_host_files else None
+            direct = _reopen_regular_file(diff) if service_vm.streams_host_files else None
             if direct is not None:
                 # The worker reads the caller's file itself: no copy through a pipe.
                 read_end, write_end = direct, -1
@@ -631,6 +633,56 @@ class Driver:
 
     def diff(self, layer_id: str, parent: str | None = None) -> DiffStream:
         """Return the tar stream of the layer's own changes; close it when done."""
+        finish = contextlib.ExitStack()
+        try:
+            export = self._start_export(finish, layer_id, parent)
+            if export is None:
+                read_end, write_end = os.pipe2(os.O_CLOEXEC)
+                with os.fdopen(write_end, "wb") as empty:
+                    empty.write(EMPTY_TAR)
+                return DiffStream(read_end, finish)
+            return _export_stream(finish, *export)
+        except BaseException:
+            finish.close()
+            raise
+
+    def write_diff(self, layer_id: str, parent: str | None, output: IO[bytes]) -> int:
+        """Write the tar stream of Diff to ``output``; return its length in bytes.
+
+        When ``output`` is a plain file object over a regular file or a pipe, a process
+        service VM writes to it itself, after a flush, so the tar passes through no pipe
+        and no copy in this process. The worker can then write anywhere in that file, so
+        it should hold nothing else of value. Other outputs (a terminal, a socket, a
+        wrapper such as GzipFile) and a utility VM get the stream of :meth:`diff`, copied.
+        """
+        fd = _streamable_descriptor(output)
+        with contextlib.ExitStack() as finish:
+            export = self._start_export(finish, layer_id, parent)
+            if export is None:
+                output.write(EMPTY_TAR)
+                return len(EMPTY_TAR)
+            service_vm, disk_slot, subdirectory = export
+            if fd is None or not service_vm.streams_host_files:
+                # Closing the stream closes ``finish`` too, which then has nothing left to do.
+                with _export_stream(finish, *export) as stream:
+                    return _copy_stream(stream, output)
+            output_slot = service_vm.attach(fd)
+            result = service_vm.request(
+                "ext4totar", disk=disk_slot, subdirectory=subdirectory, output=output_slot
+            )
+            if output.seekable():
+                # The worker moved the shared file offset, which a buffered object caches.
+                output.seek(0, os.SEEK_CUR)
+            return int(result["tar_bytes"])
+
+    def _start_export(
+        self, finish: contextlib.ExitStack, layer_id: str, parent: str | None
+    ) -> tuple[ServiceVM, int, str | None] | None:
+        """Take a service VM with the layer's disk attached until ``finish`` closes.
+
+        Returns the service VM, the disk's slot and the folder to export in it, or None
+        when the layer has no disk and its Diff is an empty tar.
+        """
         folder = self._require(layer_id)
         if parent and not self._own_parent(layer_id, parent):
             raise InvalidArgumentError(
@@ -638,34 +690,19 @@ class Driver:
                 "a layer's changes against its own parent only"
             )
         disk = self._disk_of(folder)
-        finish = contextlib.ExitStack()
+        if disk is None:
+            return None
+        service_vm = finish.enter_context(self.service_vms.acquire(layer_id))
+        lock = finish.enter_context(_flock(folder / LOCK_FILE, fcntl.LOCK_SH))
+        del lock
+        self._quiesce(finish, disk[0])
+        disk_fd = os.open(disk[0], os.O_RDONLY | os.O_CLOEXEC)
         try:
-            if disk is None:
-                read_end, write_end = os.pipe2(os.O_CLOEXEC)
-                with os.fdopen(write_end, "wb") as empty:
-                    empty.write(bytes(10240))  # a tar with no members: the end marker
-                return DiffStream(read_end, finish)
-            service_vm = finish.enter_context(self.service_vms.acquire(layer_id))
-            lock = finish.enter_context(_flock(folder / LOCK_FILE, fcntl.LOCK_SH))
-            del lock
-            self._quiesce(finish, disk[0])
-            disk_fd = os.open(disk[0], os.O_RDONLY | os.O_CLOEXEC)
-            finish.callback(os.close, disk_fd)
-            read_end, write_end = os.pipe2(os.O_CLOEXEC)
-            try:
-                disk_slot = service_vm.attach(disk_fd)
-                output_slot = service_vm.attach(write_end)
-            finally:
-                os.close(write_end)
-            thread = _Request(
-                service_vm, "ext4totar", disk=disk_slot, subdirectory=disk[1], output=output_slot
-            )
-            thread.start()
-            finish.callback(thread.finish, service_vm, disk_slot)
-            return DiffStream(read_end, finish)
-        except BaseException:
-            finish.close()
-            raise
+            disk_slot = service_vm.attach(disk_fd)
+        finally:
+            os.close(disk_fd)
+        finish.callback(_detach_quietly, service_vm, disk_slot)
+        return service_vm, disk_slot, disk[1]
 
     def _changes_request(self, layer_id: str, parent: str | None) -> dict[str, Any]:
         folder = self._require(layer_id)
@@ -733,6 +770,49 @@ def _detach_quietly(service_vm: ServiceVM, slot: int) -> None:
     if service_vm.running:
         with contextlib.suppress(LcowError):
             service_vm.detach(slot)
+
+
+def _export_stream(
+    finish: contextlib.ExitStack, service_vm: ServiceVM, disk_slot: int, subdirectory: str | None
+) -> DiffStream:
+    """Start the export of an attached disk into a pipe; return the pipe's read end.
+
+    Closing the stream waits for the request and then closes ``finish``.
+    """
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    try:
+        output_slot = service_vm.attach(write_end)
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)
+    thread = _Request(
+        service_vm, "ext4totar", disk=disk_slot, subdirectory=subdirectory, output=output_slot
+    )
+    thread.start()
+    finish.callback(thread.join)
+    return DiffStream(read_end, finish)
+
+
+def _streamable_descriptor(output: IO[bytes]) -> int | None:
+    """Return the regular file or pipe under ``output`` for a worker to write, else None.
+
+    A terminal stays out of the worker's reach: its ioctls could type into the shell.
+    """
+    fd = output_descriptor(output)
+    if fd is None:
+        return None
+    mode = os.fstat(fd).st_mode
+    return fd if stat.S_ISREG(mode) or stat.S_ISFIFO(mode) else None
+
+
+def _copy_stream(stream: io.RawIOBase, output: IO[bytes]) -> int:
+    copied = 0
+    while chunk := stream.read(FEED_CHUNK_BYTES):
+        output.write(chunk)
+        copied += len(chunk)
+    return copied
 
 
 def _reopen_regular_file(stream: IO[bytes]) -> int | None:
@@ -820,7 +900,7 @@ class _Feeder(threading.Thread):
 
 
 class _Request(threading.Thread):
-    """Run one request in the background; ``finish`` waits for it and detaches a disk."""
+    """Run one request in the background; join() waits for it."""
 
     def __init__(self, service_vm: ServiceVM, op: str, **arguments: Any) -> None:
         super().__init__(name=f"lcow-{op}", daemon=True)
@@ -835,10 +915,6 @@ class _Request(threading.Thread):
         except LcowError as err:
             self.error = err
             log.warning("%s in service VM %s failed: %s", self.op, self.service_vm.name, err)
-
-    def finish(self, service_vm: ServiceVM, disk_slot: int) -> None:
-        self.join()
-        _detach_quietly(service_vm, disk_slot)
 
 
 def e2fsprogs_version() -> str:

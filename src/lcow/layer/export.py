@@ -14,6 +14,7 @@ The headers are the bytes that Python 3.11's ``tarfile`` writes in ``PAX_FORMAT`
 Reference: POSIX.1-2008, pax "ustar Interchange Format" and "pax Extended Header".
 """
 
+import dataclasses
 import errno
 import io
 import os
@@ -244,7 +245,7 @@ def _header(
 # --- the output stream -----------------------------------------------------------------------
 
 
-def _output_descriptor(output: IO[bytes]) -> int | None:
+def output_descriptor(output: IO[bytes]) -> int | None:
     """Return the file descriptor under ``output`` when writing to it directly is safe.
 
     That holds for a FileIO and for a BufferedWriter over one, flushed here first. Other
@@ -269,7 +270,7 @@ class _TarStream:
     def __init__(self, output: IO[bytes], device: BlockDevice) -> None:
         self._output = output
         self._device = device
-        self._fd = _output_descriptor(output)
+        self._fd = output_descriptor(output)
         self._source_fd = (
             device.fd if self._fd is not None and isinstance(device, FileDevice) else None
         )
@@ -451,10 +452,20 @@ def _write_entry(
     return True
 
 
-def export_tar(reader: Ext4Reader, output: IO[bytes], *, subdirectory: bytes | None = None) -> int:
+@dataclasses.dataclass(frozen=True)
+class ExportStats:
+    """The entry count and length of an exported tar."""
+
+    entries: int
+    tar_bytes: int
+
+
+def export_tar(
+    reader: Ext4Reader, output: IO[bytes], *, subdirectory: bytes | None = None
+) -> ExportStats:
     """Write the tree of ``reader`` (or of ``subdirectory`` in it) to ``output`` as a tar.
 
-    ``subdirectory`` is ``b"upper"`` for a sandbox. Returns the number of entries written.
+    ``subdirectory`` is ``b"upper"`` for a sandbox.
     An image's own empty ``lost+found`` is left out. When ``output`` is a file object over a
     file descriptor (FileIO, or a BufferedWriter over one), it is flushed and the archive is
     written to the descriptor directly, so nothing waits in its buffer afterwards.
@@ -467,7 +478,7 @@ def export_tar(reader: Ext4Reader, output: IO[bytes], *, subdirectory: bytes | N
         if _write_entry(stream, reader, path, inode, first_names):
             count += 1
     stream.close()
-    return count
+    return ExportStats(entries=count, tar_bytes=stream.position)
 
 
 def open_image(path: str | os.PathLike[str]) -> tuple[Ext4Reader, int]:

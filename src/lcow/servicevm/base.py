@@ -37,9 +37,9 @@ def _error_from_reply(error: dict[str, Any]) -> LcowError:
 class ServiceVM(abc.ABC):
     """A running worker reached over a channel socket; subclasses start and stop it."""
 
-    # Whether the worker reads an attached regular file as a stream, as it reads a pipe.
-    # A utility VM attaches every regular file as a disk instead.
-    reads_host_files = False
+    # Whether the worker reads or writes an attached regular file as a stream, as it does
+    # a pipe. A utility VM attaches every regular file as a disk instead.
+    streams_host_files = False
 
     def __init__(self, name: str, *, timeout_s: float) -> None:
         self.name = name

@@ -81,7 +81,7 @@ def namespace_support() -> tuple[tuple[str, ...], tuple[str, ...]]:
 class ProcessServiceVM(ServiceVM):
     """A worker process; ``hide`` lists host paths its mount namespace covers up."""
 
-    reads_host_files = True
+    streams_host_files = True
 
     def __init__(self, name: str, *, timeout_s: float, hide: Sequence[str] = ()) -> None:
         super().__init__(name, timeout_s=timeout_s)

@@ -221,13 +221,13 @@ class Worker:
             with open_disk(_descriptor_path(disk_fd)) as disk:
                 reader = Ext4Reader(disk.device, disk.size_bytes)
                 with os.fdopen(os.dup(output_fd), "wb", buffering=1 << 20) as output:
-                    entries = export_tar(
+                    stats = export_tar(
                         reader, output, subdirectory=subdirectory.encode() if subdirectory else None
                     )
         finally:
             # The reader of the stream gets end-of-file when the last write end closes.
             self.op_detach({"slot": request["output"]})
-        return {"entries": entries}
+        return {"entries": stats.entries, "tar_bytes": stats.tar_bytes}
 
     def op_format_sandbox(self, request: dict[str, Any]) -> dict[str, Any]:
         output_fd = self._slot(request["output"])
