@@ -1,15 +1,21 @@
 """``--floor INPUT``: what the reading side alone costs, against ``tar -xf`` of the same tar.
 
-Three cases run interleaved, 5 rounds, in this process:
+These cases run interleaved, 5 rounds, in this process:
 
 - ``tar -xf`` into an empty folder of the output folder, as in the suite;
 - a bare libarchive loop through ctypes: ``archive_read_next_header`` and then
   ``archive_read_data_block`` until the end of each entry, nothing decoded or written;
 - lcow's ``TarReader`` over a ``ReadAhead`` stream hashed with BLAKE3: every entry decoded
-  and its data blocks read, nothing written.
+  and its data blocks read, nothing written;
+- the same with every data block written by ``os.pwrite`` into one file, each file's data
+  starting on a 4 KiB boundary as in an image: the copy that any converter makes, with no
+  inode, directory or bitmap written;
+- the shell route, ``tar -xf`` then ``mkfs.ext4 -d``, whose 0.4 times is the suite's
+  goal for ApplyDiff.
 
 For an image of INPUT it also times ``Ext4Reader.walk`` (every inode read and verified, no
-tar written) against ``tar -c`` of the image loop-mounted read-only, the export's floor.
+tar written) and ``export_tar`` in this process (the walk, the headers and the data, with
+no service VM) against ``tar -c`` of the image loop-mounted read-only, the export's floor.
 The conversion of INPUT that the walk needs is not timed.
 """
 
@@ -24,15 +30,17 @@ from pathlib import Path
 from typing import Final
 
 from bench.profile import resolve
-from bench.references import LoopMount
+from bench.references import SHELL_ROUTE, LoopMount
 from lcow.ext4 import format as fmt
-from lcow.layer.export import open_image
+from lcow.layer.export import export_tar, open_image
 from lcow.layer.tar2ext4 import convert_tar
 from lcow.layer.tarstream import LayerStream, ReadAhead, TarReader, open_source
 from lcow.layer.tarstream import _lib as libarchive  # the handle lcow itself calls
 
 ROUNDS: Final = 5
 FILE_BUFFER_BYTES: Final = 1 << 20
+BLOCK_BYTES: Final = 4096
+SHELL_ROUTE_GOAL: Final = 0.4  # ApplyDiff's goal as a multiple of the shell route
 
 
 def _bare_loop(path: Path) -> None:
@@ -65,6 +73,33 @@ def _tar_reader(path: Path) -> None:
             ahead.close()
 
 
+def _tar_reader_writing(path: Path, output: Path) -> None:
+    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        with open_source(path) as source:
+            ahead = ReadAhead(LayerStream(source, digest="blake3"))
+            try:
+                with TarReader(ahead) as reader:
+                    start = 0
+                    for entry in reader:
+                        for offset, block in reader.data_blocks():
+                            os.pwrite(fd, block, start + offset)
+                        start += -(-entry.size // BLOCK_BYTES) * BLOCK_BYTES
+            finally:
+                ahead.close()
+    finally:
+        os.close(fd)
+
+
+def _shell_route(path: Path, folder: Path) -> None:
+    tree = folder / "extracted"
+    tree.mkdir()
+    image = folder / "shell-route.ext4"
+    subprocess.run(
+        ["bash", "-c", SHELL_ROUTE, "shell-route", str(path), str(tree), str(image)], check=True
+    )
+
+
 def _tar_extract(path: Path, folder: Path) -> None:
     target = folder / "extracted"
     shutil.rmtree(target, ignore_errors=True)
@@ -72,7 +107,10 @@ def _tar_extract(path: Path, folder: Path) -> None:
     subprocess.run(["tar", "-xf", str(path), "-C", str(target)], check=True)
 
 
-def _interleave(cases: dict[str, Callable[[], None]], cleanup: Callable[[], None]) -> str:
+def _interleave(
+    cases: dict[str, Callable[[], None]], cleanup: Callable[[], None]
+) -> tuple[str, dict[str, float]]:
+    """Run ``cases`` in rounds; return the report lines and each case's median."""
     samples: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(ROUNDS):
         for name, run in cases.items():
@@ -80,32 +118,39 @@ def _interleave(cases: dict[str, Callable[[], None]], cleanup: Callable[[], None
             run()
             samples[name].append(time.perf_counter() - started)
             cleanup()
-    reference = statistics.median(next(iter(samples.values())))
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    reference = next(iter(medians.values()))
     lines = []
     for name, values in samples.items():
-        median = statistics.median(values)
+        median = medians[name]
         lines.append(
             f"  {name}: median {median:.3f} s ({min(values):.3f} - {max(values):.3f} s), "
             f"{median / reference:.2f} x"
         )
-    return "\n".join(lines)
+    return "\n".join(lines), medians
 
 
 def floor(name: str, folder: Path) -> str:
     """Time the reading sides of ApplyDiff and Diff on INPUT; return the report to print."""
     layer = resolve(name)
     extracted = folder / "extracted"
+    written = folder / "data-written"
+    shell_image = folder / "shell-route.ext4"
 
-    def remove_extracted() -> None:
+    def remove_outputs() -> None:
         shutil.rmtree(extracted, ignore_errors=True)
+        written.unlink(missing_ok=True)
+        shell_image.unlink(missing_ok=True)
 
-    reading = _interleave(
+    reading, medians = _interleave(
         {
             "tar -xf": lambda: _tar_extract(layer, folder),
             "bare libarchive loop": lambda: _bare_loop(layer),
             "TarReader": lambda: _tar_reader(layer),
+            "TarReader + data written": lambda: _tar_reader_writing(layer, written),
+            "tar -xf + mkfs.ext4 -d": lambda: _shell_route(layer, folder),
         },
-        remove_extracted,
+        remove_outputs,
     )
 
     image = folder / "floor.vhd"
@@ -124,12 +169,26 @@ def floor(name: str, folder: Path) -> str:
             finally:
                 os.close(fd)
 
-        walking = _interleave(
-            {"tar -c of the mounted image": tar_create, "Ext4Reader.walk": walk},
+        def export_in_process() -> None:
+            reader, fd = open_image(image)
+            try:
+                with archive.open("wb") as output:
+                    export_tar(reader, output)
+            finally:
+                os.close(fd)
+
+        walking, _ = _interleave(
+            {
+                "tar -c of the mounted image": tar_create,
+                "Ext4Reader.walk": walk,
+                "export_tar in this process": export_in_process,
+            },
             lambda: archive.unlink(missing_ok=True),
         )
     image.unlink()
     return (
         f"reading side of {layer.name}, {ROUNDS} interleaved rounds, ratios to the first line:\n"
-        f"{reading}\nexport floor of {layer.name}:\n{walking}\n"
+        f"{reading}\n  0.4 x tar -xf + mkfs.ext4 -d: "
+        f"{SHELL_ROUTE_GOAL * medians['tar -xf + mkfs.ext4 -d']:.3f} s\n"
+        f"export floor of {layer.name}:\n{walking}\n"
     )

@@ -12,7 +12,7 @@ from typing import Final
 
 from bench import lcow_cases, references
 from bench.inputs import Layer, describe
-from bench.lcow_cases import APPLY_DIFF, APPLY_DIFF_COLD, DIFF, DIFF_COLD
+from bench.lcow_cases import APPLY_DIFF, APPLY_DIFF_COLD, DIFF, DIFF_COLD, DIFF_TO_FILE
 from bench.report import Goal, rss_goal
 from bench.timing import Case
 from lcow.driver import Driver
@@ -97,13 +97,15 @@ def _export(layer_path: Path) -> Group:
             yield [
                 references.tar_create(mount_point),
                 lcow_cases.export(store, "exported", prestart=True),
+                lcow_cases.export(store, "exported", prestart=True, to_file=True),
                 lcow_cases.export(store, "exported", prestart=False),
             ]
 
     def goals(layer: Layer | None) -> list[Goal]:
         del layer
         reference = "tar -c of the mounted image"
-        return [Goal(case, "ratio", 1.0, reference) for case in (DIFF, DIFF_COLD)]
+        cases = (DIFF, DIFF_TO_FILE, DIFF_COLD)
+        return [Goal(case, "ratio", 1.0, reference) for case in cases]
 
     return Group(f"export/{layer_path.name}", layer_path, prepare, goals)
 

@@ -20,6 +20,7 @@ APPLY_DIFF: Final = "ApplyDiff"
 APPLY_DIFF_COLD: Final = "ApplyDiff, cold start"
 DIFF: Final = "Diff"
 DIFF_COLD: Final = "Diff, cold start"
+DIFF_TO_FILE: Final = "Diff to a file"
 _layer_numbers = itertools.count(1)
 
 
@@ -125,10 +126,13 @@ def convert_command(layer: Layer) -> Case:
     return Case("lcow tar2vhd", is_reference=False, run=run)
 
 
-def export(store: Path, layer_id: str, *, prestart: bool) -> Case:
-    """Time Driver.diff of a kept layer, the whole tar stream written to a file on the tmpfs.
+def export(store: Path, layer_id: str, *, prestart: bool, to_file: bool = False) -> Case:
+    """Time the Diff of a kept layer into a file on the tmpfs.
 
-    ``prestart`` is as for :func:`apply_diff`.
+    By default the caller reads Driver.diff's stream and writes it to the file, as a
+    Docker daemon consumes Diff. With ``to_file``, Driver.write_diff gets the file and the
+    worker writes it, as ``lcow diff --output`` does. ``prestart`` is as for
+    :func:`apply_diff`.
     """
 
     def run(scratch: Path) -> Sample:
@@ -142,11 +146,13 @@ def export(store: Path, layer_id: str, *, prestart: bool) -> Case:
                 "--output",
                 str(scratch / "export.tar"),
                 *(["--prestart"] if prestart else []),
+                *(["--to-file"] if to_file else []),
             ]
         )
         return Sample(answer["seconds"], answer["children_peak_rss_bytes"], answer)
 
-    return Case(DIFF if prestart else DIFF_COLD, is_reference=False, run=run)
+    name = DIFF_TO_FILE if to_file else DIFF if prestart else DIFF_COLD
+    return Case(name, is_reference=False, run=run)
 
 
 def create_read_write(driver: Driver) -> Case:
