@@ -30,7 +30,8 @@ from lcow.driver import LAYER_IMAGE, Driver  # noqa: E402
 from lcow.errors import CorruptInputError, LcowError, ServiceVMError  # noqa: E402
 from lcow.servicevm.base import DEFAULT_STOP_TIMEOUT_S, ServiceVM  # noqa: E402
 from lcow.servicevm.manager import SPARE_NAME  # noqa: E402
-from lcow.servicevm.process import ProcessServiceVM  # noqa: E402
+from lcow.servicevm.process import ProcessServiceVM, idle_start_command  # noqa: E402
+from oracle import skip_or_fail  # noqa: E402
 
 SAFE_OPTIONS: Final = ["lcow.globalmode=false"]
 GLOBAL_OPTIONS: Final = ["lcow.globalmode=true"]
@@ -216,6 +217,34 @@ def test_diff_worker_until_close(safe_driver: Driver) -> None:
 
     assert driver.service_vms.running_names() == []
     assert suite.scratch_disks(driver.root) == []
+
+
+def scheduling_policies(service_vm: ServiceVM) -> set[int]:
+    """Return the scheduling policies of the worker program's threads."""
+    task_folder = Path(f"/proc/{worker_pid(service_vm)}/task")
+    return {os.sched_getscheduler(int(task.name)) for task in task_folder.iterdir()}
+
+
+def test_spare_starts_at_idle_priority(safe_driver: Driver) -> None:
+    """A spare starts under SCHED_IDLE and runs its operation under SCHED_OTHER."""
+    if not idle_start_command():
+        skip_or_fail("chrt cannot start a process at idle priority and restore it")
+    driver = safe_driver
+    driver.service_vms.start_spare()
+    spare = suite.ready_spare(driver)
+    assert spare is not None
+
+    spare_policies = scheduling_policies(spare)
+    with driver.service_vms.acquire("operation") as service_vm:
+        operation_policies = scheduling_policies(service_vm)
+        next_spare = suite.ready_spare(driver)
+        assert next_spare is not None
+        next_spare_policies = scheduling_policies(next_spare)
+
+    assert service_vm is spare
+    assert spare_policies == {os.SCHED_IDLE}
+    assert operation_policies == {os.SCHED_OTHER}
+    assert next_spare_policies == {os.SCHED_IDLE}
 
 
 # --- global mode ---------------------------------------------------------------------------

@@ -67,6 +67,9 @@ class ServiceVM(abc.ABC):
     def running(self) -> bool:
         """Return whether the worker is alive."""
 
+    def to_foreground(self) -> None:  # noqa: B027 - most backends start at normal priority
+        """Give a service VM started in the background the normal CPU priority back."""
+
     # Channel --------------------------------------------------------------------------------
 
     def rename(self, name: str) -> None:

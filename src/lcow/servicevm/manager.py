@@ -103,7 +103,7 @@ class ServiceVMManager:
             candidate = f"{name}-{number}"
         return candidate
 
-    def _start(self, name: str) -> ServiceVM:
+    def _start(self, name: str, spare: "_SpareStart | None" = None) -> ServiceVM:
         with self._lock:
             name = self._unique_name(name)
             self._running[name] = placeholder = _Starting(name, timeout_s=0)
@@ -115,7 +115,11 @@ class ServiceVMManager:
                 name, timeout_s=self.timeout_s, config=self.qemu, spool_folder=self.root / "scratch"
             )
         else:
-            service_vm = ProcessServiceVM(name, timeout_s=self.timeout_s, hide=self.hide)
+            service_vm = ProcessServiceVM(
+                name, timeout_s=self.timeout_s, hide=self.hide, background=spare is not None
+            )
+        if spare is not None:
+            spare.starting = service_vm
         try:
             self.ensure_scratch_template()
             clone_file(self.scratch_template, scratch)
@@ -214,12 +218,17 @@ class ServiceVMManager:
             spare, self._spare = self._spare, None
         if spare is None:
             return None
+        starting = spare.starting
+        if starting is not None:
+            # A spare still starting in the background would keep the operation waiting.
+            starting.to_foreground()
         spare.join()
         service_vm = spare.service_vm
         if service_vm is None or not service_vm.running:
             if service_vm is not None:
                 self._stop(service_vm)
             return None
+        service_vm.to_foreground()
         with self._lock:
             new_name = self._unique_name(name)
             if self._running.get(service_vm.name) is service_vm:
@@ -276,11 +285,12 @@ class _SpareStart(threading.Thread):
     def __init__(self, manager: ServiceVMManager) -> None:
         super().__init__(name="lcow-spare-service-vm", daemon=True)
         self.manager = manager
+        self.starting: ServiceVM | None = None  # set as soon as the service VM exists
         self.service_vm: ServiceVM | None = None
 
     def run(self) -> None:
         try:
-            self.service_vm = self.manager._start(SPARE_NAME)
+            self.service_vm = self.manager._start(SPARE_NAME, self)
         except Exception as err:  # noqa: BLE001 - the next operation starts its own instead
             log.warning("failed to start a spare service VM: %s", err)
 

@@ -6,6 +6,10 @@ namespaces (``--fork`` makes it pid 1 of its pid namespace, ``--kill-child`` end
 forbids user namespaces, the backend tries fewer and logs a warning; the worker still runs,
 with its seccomp filter and resource limits. Disks reach it as descriptors over a unix
 socketpair, so it never needs a path into the store.
+
+A worker started in the background, as the next operation's spare, starts under the
+SCHED_IDLE policy (util-linux ``chrt``), so its start-up uses only CPU time that the
+running operation leaves. Taking it for an operation gives it SCHED_OTHER back.
 """
 
 import functools
@@ -15,7 +19,9 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Final
 
 from lcow.errors import ServiceVMError
@@ -78,17 +84,73 @@ def namespace_support() -> tuple[tuple[str, ...], tuple[str, ...]]:
     return (), ()
 
 
+@functools.cache
+def idle_start_command() -> tuple[str, ...]:
+    """Return the command prefix that starts a worker under SCHED_IDLE, or () if unusable.
+
+    Leaving SCHED_IDLE takes CAP_SYS_NICE or a RLIMIT_NICE of 20, so a probe checks that a
+    process started this way can get the normal policy back. Without that, a spare worker
+    would stay at idle priority for its whole operation, so it starts normally instead.
+    """
+    chrt = shutil.which("chrt")
+    if chrt is None:
+        return ()
+    probe = subprocess.run(
+        [chrt, "--idle", "0", chrt, "--other", "0", "true"],
+        capture_output=True,
+        text=True,
+        timeout=PROBE_TIMEOUT_S,
+        check=False,
+    )
+    if probe.returncode != 0:
+        log.info("spare service VMs start at normal priority: %s", probe.stderr.strip())
+        return ()
+    return (chrt, "--idle", "0")
+
+
+def _tree_tasks(pid: int) -> Iterator[int]:
+    """Yield the thread ids of process ``pid`` and of its descendants, parents first.
+
+    The caller acts on each task before its children are listed, so a child forked after
+    that inherits the change, and one forked before it is listed.
+    """
+    pending = [pid]
+    while pending:
+        process = pending.pop()
+        try:
+            tasks = list(Path(f"/proc/{process}/task").iterdir())
+        except FileNotFoundError:
+            continue
+        for task in tasks:
+            yield int(task.name)
+            try:
+                children = (task / "children").read_text()
+            except FileNotFoundError:
+                continue
+            pending += [int(child) for child in children.split()]
+
+
 class ProcessServiceVM(ServiceVM):
     """A worker process; ``hide`` lists host paths its mount namespace covers up."""
 
     streams_host_files = True
 
-    def __init__(self, name: str, *, timeout_s: float, hide: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        timeout_s: float,
+        hide: Sequence[str] = (),
+        background: bool = False,
+    ) -> None:
         super().__init__(name, timeout_s=timeout_s)
         self.hide = list(hide)
         self.process: subprocess.Popen[bytes] | None = None
         self.isolation: list[str] = []
         self.worker_pid = 0
+        self.background = background
+        self.idle = False  # whether the worker's tasks may still run under SCHED_IDLE
+        self._priority_lock = threading.Lock()
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -119,9 +181,15 @@ class ProcessServiceVM(ServiceVM):
         for path in self.hide:
             command += ["--hide", path]
         try:
-            self.process = subprocess.Popen(
-                command, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, close_fds=True
-            )
+            with self._priority_lock:
+                idle_prefix = idle_start_command() if self.background else ()
+                self.process = subprocess.Popen(
+                    [*idle_prefix, *command],
+                    pass_fds=[child.fileno()],
+                    stdin=subprocess.DEVNULL,
+                    close_fds=True,
+                )
+                self.idle = bool(idle_prefix)
         except OSError as err:
             parent.close()
             child.close()
@@ -137,6 +205,28 @@ class ProcessServiceVM(ServiceVM):
             raise
         self.isolation = list(hello.get("isolation", []))
         self.worker_pid = int(hello.get("pid", 0))
+
+    def to_foreground(self) -> None:
+        """Move every task of the worker's process tree from SCHED_IDLE to SCHED_OTHER."""
+        with self._priority_lock:
+            self.background = False
+            if not self.idle or self.process is None:
+                return
+            self.idle = False
+            pid = self.process.pid
+        for task in _tree_tasks(pid):
+            try:
+                os.sched_setscheduler(task, os.SCHED_OTHER, os.sched_param(0))
+            except ProcessLookupError:
+                continue  # the task ended meanwhile
+            except PermissionError as err:
+                log.warning(
+                    "service VM %s stays at idle priority: failed to change task %d: %s",
+                    self.name,
+                    task,
+                    err,
+                )
+                return
 
     def terminate(self, stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> None:
         process = self.process
