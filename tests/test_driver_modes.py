@@ -396,6 +396,23 @@ def read_all(fd: int, length: int, into: list[bytes]) -> None:
     into.append(received)
 
 
+def write_diff_through(
+    driver: Driver, output: IO[bytes], read_fd: int, length: int
+) -> tuple[int, list[bytes]]:
+    """Write the Diff of ``large`` to ``output`` while a thread reads ``read_fd``.
+
+    Returns write_diff's size and what the thread read. Closes ``output`` and ``read_fd``.
+    """
+    received: list[bytes] = []
+    reader = threading.Thread(target=read_all, args=(read_fd, length, received))
+    reader.start()
+    with output:
+        size = driver.write_diff("large", None, output)
+    reader.join(THREAD_END_LIMIT_S)
+    os.close(read_fd)
+    return size, received
+
+
 def test_write_diff_outputs(
     safe_driver: Driver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -427,26 +444,18 @@ def test_write_diff_outputs(
         file_position = output.tell()
 
     read_end, write_end = os.pipe()
-    received: list[bytes] = []
-    reader = threading.Thread(target=read_all, args=(read_end, len(streamed), received))
-    reader.start()
-    with os.fdopen(write_end, "wb") as pipe_output:
-        pipe_size = driver.write_diff("large", None, pipe_output)
-    reader.join(THREAD_END_LIMIT_S)
-    os.close(read_end)
+    pipe_output = os.fdopen(write_end, "wb")
+    pipe_size, received = write_diff_through(driver, pipe_output, read_end, len(streamed))
 
     in_memory = io.BytesIO()
     memory_size = driver.write_diff("large", None, in_memory)
 
     controller, terminal = os.openpty()
     tty.setraw(terminal)  # no line discipline: the bytes arrive as written
-    from_terminal: list[bytes] = []
-    reader = threading.Thread(target=read_all, args=(controller, len(streamed), from_terminal))
-    reader.start()
-    with os.fdopen(terminal, "wb") as terminal_output:
-        terminal_size = driver.write_diff("large", None, terminal_output)
-    reader.join(THREAD_END_LIMIT_S)
-    os.close(controller)
+    terminal_output = os.fdopen(terminal, "wb")
+    terminal_size, from_terminal = write_diff_through(
+        driver, terminal_output, controller, len(streamed)
+    )
 
     assert output_path.read_bytes() == prefix + streamed
     assert file_size == len(streamed)

@@ -695,14 +695,7 @@ class Driver:
         service_vm = finish.enter_context(self.service_vms.acquire(layer_id))
         lock = finish.enter_context(_flock(folder / LOCK_FILE, fcntl.LOCK_SH))
         del lock
-        self._quiesce(finish, disk[0])
-        disk_fd = os.open(disk[0], os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            disk_slot = service_vm.attach(disk_fd)
-        finally:
-            os.close(disk_fd)
-        finish.callback(_detach_quietly, service_vm, disk_slot)
-        return service_vm, disk_slot, disk[1]
+        return service_vm, self._attach_disk(finish, service_vm, disk[0]), disk[1]
 
     def _changes_request(self, layer_id: str, parent: str | None) -> dict[str, Any]:
         folder = self._require(layer_id)
@@ -725,15 +718,19 @@ class Driver:
             disk = self._disk_of(folder)
             if disk is None:
                 continue
-            self._quiesce(stack, disk[0])
-            fd = os.open(disk[0], os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                slot = service_vm.attach(fd)
-            finally:
-                os.close(fd)
-            stack.callback(_detach_quietly, service_vm, slot)
-            attached.append([slot, disk[1]])
+            attached.append([self._attach_disk(stack, service_vm, disk[0]), disk[1]])
         return attached
+
+    def _attach_disk(self, stack: contextlib.ExitStack, service_vm: ServiceVM, disk: Path) -> int:
+        """Attach ``disk`` read-only until ``stack`` closes; return its slot."""
+        self._quiesce(stack, disk)
+        fd = os.open(disk, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            slot = service_vm.attach(fd)
+        finally:
+            os.close(fd)
+        stack.callback(_detach_quietly, service_vm, slot)
+        return slot
 
     def _quiesce(self, stack: contextlib.ExitStack, disk: Path) -> None:
         """Freeze a sandbox this process has mounted until ``stack`` closes.
