@@ -22,6 +22,7 @@ from bench.floor import floor
 from bench.output import output_folder
 from bench.profile import profile
 from bench.report import GroupResult
+from bench.share import share
 from bench.timing import CASE_ERRORS, CaseResult, run_interleaved
 
 REQUIRED_TOOLS: Final = ("tar", "gzip", "mkfs.ext4", "du", "find", "cp", "mount", "umount")
@@ -69,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
         help="Time what lies under lcow's time on INPUT instead: a bare libarchive loop and "
         "lcow's TarReader, without and with the data written, against tar -xf and the shell "
         "route; Ext4Reader.walk and export_tar against tar -c.",
+    )
+    parser.add_argument(
+        "--share",
+        metavar="INPUT",
+        help="Split ApplyDiff of INPUT into the tar2ext4 request and the driver's steps "
+        "around it instead, with and without the next spare's start, next to convert_tar.",
     )
     parser.add_argument(
         "--no-shell-route",
@@ -140,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             print(group.group_id)
         return 0
     selected = _select(plan, arguments.only)
-    if arguments.profile or arguments.floor:
+    if arguments.profile or arguments.floor or arguments.share:
         selected = []
     else:
         problem = _check(arguments, selected)
@@ -150,10 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
     with output_folder(arguments.output_dir) as folder:
-        if arguments.profile or arguments.floor:
+        if arguments.profile or arguments.floor or arguments.share:
             try:
                 if arguments.profile:
                     print(profile(arguments.profile, folder))
+                elif arguments.share:
+                    print(share(arguments.share, folder))
                 else:
                     print(floor(arguments.floor, folder, shell_route=not arguments.no_shell_route))
             except (OSError, ValueError, subprocess.CalledProcessError) as err:
