@@ -151,7 +151,12 @@ def export(store: Path, layer_id: str, *, prestart: bool, to_file: bool = False)
         )
         return Sample(answer["seconds"], answer["children_peak_rss_bytes"], answer)
 
-    name = DIFF_TO_FILE if to_file else DIFF if prestart else DIFF_COLD
+    if to_file:
+        name = DIFF_TO_FILE
+    elif prestart:
+        name = DIFF
+    else:
+        name = DIFF_COLD
     return Case(name, is_reference=False, run=run)
 
 

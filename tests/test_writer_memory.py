@@ -52,9 +52,9 @@ def held_at_close(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, entries: int)
 
 
 def test_memory_per_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The memory held per entry, as the growth between two layer sizes.
+    """Check the memory allocated per entry, as the growth between two layer sizes.
 
-    The growth leaves out what every conversion holds whatever its size (the read-ahead
+    The growth leaves out what every conversion allocates whatever its size (the read-ahead
     chunks and the write buffers), which dividing one total by its entries would count.
     """
     held_at_close(tmp_path, monkeypatch, 100)  # imports and first-use caches, not counted
