@@ -123,14 +123,19 @@ _XATTR_NAME_PREFIX: Final[dict[int, bytes]] = {
 }
 
 
-def _decode_time(seconds_field: int, extra: int | None) -> int:
-    seconds = seconds_field - (1 << 32) if seconds_field & 0x80000000 else seconds_field
-    nanoseconds = 0
-    if extra is not None:
-        seconds += (extra & fmt.EXT4_EPOCH_MASK) << 32
-        nanoseconds = extra >> fmt.EXT4_EPOCH_BITS
-        if nanoseconds > 999_999_999:
-            nanoseconds = 0
+def _decode_time(seconds_field: int, extra: int) -> int:
+    """Return the ns since the epoch of a signed 32-bit seconds field and its ``_extra`` field.
+
+    The caller passes 0 for an ``_extra`` field that i_extra_isize does not cover, because
+    a missing field and a zero one decode alike.
+    """
+    seconds = seconds_field - ((seconds_field & 0x80000000) << 1)
+    if not extra:
+        return seconds * 1_000_000_000
+    seconds += (extra & fmt.EXT4_EPOCH_MASK) << 32
+    nanoseconds = extra >> fmt.EXT4_EPOCH_BITS
+    if nanoseconds > 999_999_999:
+        nanoseconds = 0
     return seconds * 1_000_000_000 + nanoseconds
 
 
@@ -384,7 +389,7 @@ class Ext4Reader:
 
         # The extra fields start at 0x80, and one counts only when i_extra_isize covers it.
         # For example, i_ctime_extra at 0x84 needs i_extra_isize >= 8.
-        mtime_ns = _decode_time(mtime, mtime_extra if extra_isize >= 12 else None)
+        mtime_ns = _decode_time(mtime, mtime_extra if extra_isize >= 12 else 0)
         info = InodeInfo(
             number=number,
             mode=mode,
@@ -392,11 +397,11 @@ class Ext4Reader:
             gid=gid_lo | gid_hi << 16,
             size=size_lo | size_hi << 32,
             links=links,
-            atime_ns=_decode_time(atime, atime_extra if extra_isize >= 16 else None),
+            atime_ns=_decode_time(atime, atime_extra if extra_isize >= 16 else 0),
             mtime_ns=mtime_ns,
-            ctime_ns=_decode_time(ctime, ctime_extra if extra_isize >= 8 else None),
+            ctime_ns=_decode_time(ctime, ctime_extra if extra_isize >= 8 else 0),
             crtime_ns=(
-                _decode_time(crtime, crtime_extra if extra_isize >= 24 else None)
+                _decode_time(crtime, crtime_extra if extra_isize >= 24 else 0)
                 if extra_isize >= 20
                 else mtime_ns
             ),
@@ -636,8 +641,11 @@ class Ext4Reader:
 
     def iterdir(self, number: int) -> Iterator[tuple[bytes, int, int]]:
         """Yield (name, inode number, file type) of a directory, without ``.`` and ``..``."""
+        yield from self._iterdir(number, self.inode(number))
+
+    def _iterdir(self, number: int, info: InodeInfo) -> Iterator[tuple[bytes, int, int]]:
+        """Yield the entries of directory ``number``, whose inode ``info`` is already decoded."""
         raw = self._raw_inode(number)
-        info = self.inode(number)
         size, flags = info.size, info.flags
         if info.file_type != fmt.S_IFDIR:
             raise self._corrupt(f"inode {number} is not a directory")
@@ -778,4 +786,4 @@ class Ext4Reader:
                 if child in seen_directories:
                     raise self._corrupt(f"directory inode {child} is reachable twice (a loop)")
                 seen_directories.add(child)
-                stack.append((path + b"/", iter(sorted(self.iterdir(child)))))
+                stack.append((path + b"/", iter(sorted(self._iterdir(child, info)))))
