@@ -154,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
         if problem is not None:
             return _cannot_run(problem)
 
+    try:
+        bytecode = machine.compile_lcow()
+    except OSError as err:
+        return _cannot_run(str(err))
+
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
     with output_folder(arguments.output_dir) as folder:
@@ -169,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
                 return _cannot_run(str(err))
             return 0
 
-        description = machine.describe(folder, [inputs.corpus_folder(), inputs.cache_folder()])
+        description = machine.describe(
+            folder, [inputs.corpus_folder(), inputs.cache_folder()], bytecode
+        )
         started = time.monotonic()
         results: list[GroupResult] = []
         for number, group in enumerate(selected, 1):
