@@ -18,8 +18,8 @@ read-only:
 
 - ``Ext4Reader.walk``: every inode read and verified, no tar written;
 - the data copy: every regular file's data, listed beforehand in walk order, copied from
-  the image into one file as export_tar copies it (sendfile from 64 KiB, pread into a
-  1 MiB buffer below), with no walk and no header;
+  the image into one file by export_tar's own output stream (sendfile from 64 KiB, pread
+  into a 1 MiB buffer below), with no walk and no header;
 - ``export_tar`` in this process: the walk, the headers and the data, with no service VM.
 
 The walk plus the data copy is what export_tar costs before it writes a single header.
@@ -39,7 +39,7 @@ from typing import Final
 from bench.profile import resolve
 from bench.references import SHELL_ROUTE, LoopMount
 from lcow.ext4 import format as fmt
-from lcow.layer.export import SENDFILE_MIN_BYTES, export_tar, open_image
+from lcow.layer.export import _TarStream, export_tar, open_image  # the stream export_tar uses
 from lcow.layer.tar2ext4 import convert_tar
 from lcow.layer.tarstream import LayerStream, ReadAhead, TarReader, open_source
 from lcow.layer.tarstream import _lib as libarchive  # the handle lcow itself calls
@@ -98,48 +98,35 @@ def _tar_reader_writing(path: Path, output: Path) -> None:
         os.close(fd)
 
 
-def _file_data_runs(image: Path) -> list[tuple[int, int]]:
-    """List the (device offset, length) of every regular file's data, in walk order."""
+def _file_data_runs(image: Path) -> list[tuple[int, int, int]]:
+    """List (inode number, device offset, length) of every file data run, in walk order.
+
+    Regular files with inline data have no run and are left out.
+    """
     reader, fd = open_image(image)
     try:
         runs = []
         for _path, inode in reader.walk(fmt.EXT4_ROOT_INO):
-            if inode.file_type == fmt.S_IFREG:
-                runs += [
-                    (device, length) for _, device, length in reader.data_runs(inode.number) or ()
-                ]
+            if inode.file_type != fmt.S_IFREG:
+                continue
+            for _offset, device_offset, length in reader.data_runs(inode.number) or ():
+                runs.append((inode.number, device_offset, length))
         return runs
     finally:
         os.close(fd)
 
 
-def _copy_data(image: Path, runs: list[tuple[int, int]], output: Path) -> None:
-    """Copy the data at ``runs`` of ``image`` into ``output`` the way export_tar does."""
-    source = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
-    target = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+def _copy_data(image: Path, runs: list[tuple[int, int, int]], output: Path) -> None:
+    """Copy the data at ``runs`` of ``image`` into ``output`` through export_tar's stream."""
+    reader, fd = open_image(image)
     try:
-        buffer = bytearray()
-        for offset, length in runs:
-            if length < SENDFILE_MIN_BYTES:
-                buffer += os.pread(source, length, offset)
-                if len(buffer) >= FILE_BUFFER_BYTES:
-                    os.write(target, buffer)
-                    buffer = bytearray()
-                continue
-
-            if buffer:
-                os.write(target, buffer)
-                buffer = bytearray()
-            copied = 0
-            while copied < length:
-                sent = os.sendfile(target, source, offset + copied, length - copied)
-                if sent == 0:
-                    raise OSError(f"{image} ends inside file data at byte {offset + copied}")
-                copied += sent
-        os.write(target, buffer)
+        with output.open("wb") as target:
+            stream = _TarStream(target, reader.device)
+            for number, device_offset, length in runs:
+                stream.copy_from_device(device_offset, length, number)
+            stream.flush()
     finally:
-        os.close(source)
-        os.close(target)
+        os.close(fd)
 
 
 def _shell_route(path: Path, folder: Path) -> None:

@@ -71,7 +71,7 @@ _COPY_BUFFER_BYTES: Final = 1 << 20
 _ZEROS: Final = bytes(_COPY_BUFFER_BYTES)
 # Files from this size up go from the image to the output by sendfile. A smaller file costs
 # less as one pread into the output buffer than as a flush and a sendfile call.
-SENDFILE_MIN_BYTES: Final = 64 << 10
+_SENDFILE_MIN_BYTES: Final = 64 << 10
 # sendfile rejects some outputs, such as a file opened with O_APPEND, so their data goes
 # through pread and write.
 _SENDFILE_UNSUPPORTED: Final = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
@@ -301,7 +301,7 @@ class _TarStream:
 
     def copy_from_device(self, offset: int, length: int, number: int) -> None:
         """Copy ``length`` bytes of inode ``number``'s data at device ``offset``."""
-        if self._fd is not None and self._source_fd is not None and length >= SENDFILE_MIN_BYTES:
+        if self._fd is not None and self._source_fd is not None and length >= _SENDFILE_MIN_BYTES:
             copied = self._sendfile(self._fd, self._source_fd, offset, length, number)
             offset += copied
             length -= copied
