@@ -48,7 +48,10 @@ def compile_lcow() -> str:
     """
     package = Path(lcow.__file__).parent
     if not compileall.compile_dir(package, quiet=1):
-        raise OSError(f"failed to write bytecode for lcow in {package}")
+        raise OSError(
+            f"failed to write bytecode for lcow in {package}: make that folder writable, "
+            "or install lcow with pip, which writes it"
+        )
     return f"compiled in {package} before the run, as pip does at install"
 
 
