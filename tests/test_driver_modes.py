@@ -11,6 +11,9 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import socket
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -28,6 +31,7 @@ import tarbuild  # noqa: E402
 from lcow import driver as driver_module  # noqa: E402
 from lcow.driver import LAYER_IMAGE, Driver  # noqa: E402
 from lcow.errors import CorruptInputError, LcowError, ServiceVMError  # noqa: E402
+from lcow.servicevm import protocol  # noqa: E402
 from lcow.servicevm.base import DEFAULT_STOP_TIMEOUT_S, ServiceVM  # noqa: E402
 from lcow.servicevm.manager import SPARE_NAME  # noqa: E402
 from lcow.servicevm.process import ProcessServiceVM, idle_start_command  # noqa: E402
@@ -316,6 +320,41 @@ def test_worker_isolation(safe_driver: Driver) -> None:
     for name, (worker_namespace, own_namespace) in namespaces.items():
         if name in isolation:
             assert worker_namespace != own_namespace, name
+
+
+WORKER_EXIT_TIMEOUT_S: Final = 30.0
+
+
+def test_worker_exits_quietly_without_driver() -> None:
+    """A worker whose driver process ended logs it and exits 0, with no traceback.
+
+    Closing a unix socket with a reply still unread makes the worker's next read fail with
+    ECONNRESET, as it does when a driver exits with a spare still starting.
+    """
+    driver_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    command = [
+        sys.executable,
+        "-m",
+        "lcow.servicevm.worker",
+        "--channel-fd",
+        str(worker_end.fileno()),
+        "--log-level",
+        "INFO",
+    ]
+    worker = subprocess.Popen(
+        command, pass_fds=[worker_end.fileno()], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    worker_end.close()
+    try:
+        protocol.send(driver_end, {"id": 1, "op": "hello"})
+        driver_end.recv(1, socket.MSG_PEEK)  # the reply has arrived, and stays unread
+    finally:
+        driver_end.close()
+    _, stderr = worker.communicate(timeout=WORKER_EXIT_TIMEOUT_S)
+
+    assert worker.returncode == 0, stderr.decode()
+    assert b"Traceback" not in stderr, stderr.decode()
+    assert b"the driver closed the channel" in stderr, stderr.decode()
 
 
 # --- error paths ---------------------------------------------------------------------------

@@ -105,7 +105,13 @@ class Worker:
     def run(self) -> None:
         threads: list[threading.Thread] = []
         while not self._stop.is_set():
-            received = protocol.receive(self.channel)
+            try:
+                received = protocol.receive(self.channel)
+            except ConnectionError as err:
+                # The driver's process ended without stopping this worker, for example
+                # killed, or exited with a spare still starting.
+                log.info("the driver closed the channel: %s", err)
+                break
             if received is None:
                 break
             message, fds = received
@@ -124,17 +130,27 @@ class Worker:
             thread.join()
 
     def _reply(self, request: dict[str, Any], result: dict[str, Any]) -> None:
-        with self._send_lock:
-            protocol.send(self.channel, {"id": request.get("id"), "result": result})
+        self._send(request, {"id": request.get("id"), "result": result})
 
     def _fail(self, request: dict[str, Any], error: BaseException) -> None:
-        with self._send_lock:
-            protocol.send(
-                self.channel,
-                {
-                    "id": request.get("id"),
-                    "error": {"type": type(error).__name__, "message": str(error)},
-                },
+        self._send(
+            request,
+            {
+                "id": request.get("id"),
+                "error": {"type": type(error).__name__, "message": str(error)},
+            },
+        )
+
+    def _send(self, request: dict[str, Any], message: dict[str, Any]) -> None:
+        try:
+            with self._send_lock:
+                protocol.send(self.channel, message)
+        except OSError as err:
+            log.info(
+                "failed to send the reply to request %s %s: the driver closed the channel: %s",
+                request.get("id"),
+                request.get("op"),
+                err,
             )
 
     def _serve(self, request: dict[str, Any]) -> None:
