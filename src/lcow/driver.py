@@ -27,7 +27,6 @@ Every conversion of layer data runs in a service VM (see :mod:`lcow.servicevm`).
 """
 
 import contextlib
-import errno
 import fcntl
 import io
 import json
@@ -62,6 +61,7 @@ from lcow.options import DriverOptions, parse_size
 from lcow.servicevm.base import ServiceVM
 from lcow.servicevm.manager import ServiceVMManager
 from lcow.servicevm.qemu_config import QemuConfig
+from lcow.spawn import try_flock
 
 log = logging.getLogger(__name__)
 
@@ -122,12 +122,13 @@ def _try_exclusive(path: Path) -> int | None:
     """Open ``path`` and take an exclusive flock without waiting; None when it is held."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as err:
+        locked = try_flock(fd, fcntl.LOCK_EX)
+    except BaseException:
         os.close(fd)
-        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            return None
         raise
+    if not locked:
+        os.close(fd)
+        return None
     return fd
 
 
@@ -426,12 +427,15 @@ class Driver:
             if count == 0:
                 fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                except OSError as err:
+                    locked = try_flock(fd, fcntl.LOCK_SH)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                if not locked:
                     os.close(fd)
                     raise FailedPreconditionError(
                         f"failed to get layer {layer_id}: it is being written or removed"
-                    ) from err
+                    )
             if self.host_mounts is not None:
                 try:
                     path = self._host_mount(layer_id, folder)

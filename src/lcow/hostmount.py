@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Final
 
 from lcow.errors import FailedPreconditionError, LcowError, UnsupportedError
+from lcow.spawn import try_flock
 
 log = logging.getLogger(__name__)
 
@@ -177,12 +178,15 @@ class HostMounts:
                 image.with_name(".mount.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
             )
             try:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as err:
+                locked = try_flock(lock_fd, fcntl.LOCK_EX)
+            except BaseException:
+                os.close(lock_fd)
+                raise
+            if not locked:
                 os.close(lock_fd)
                 raise FailedPreconditionError(
                     f"failed to mount sandbox {image}: another process has it mounted"
-                ) from err
+                )
         short = format(self._next_short, "x")
         self._next_short += 1
         mount_point = self.folder / "i" / short

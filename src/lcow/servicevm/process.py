@@ -26,6 +26,7 @@ from typing import Final
 
 from lcow.errors import ServiceVMError
 from lcow.servicevm.base import DEFAULT_STOP_TIMEOUT_S, ServiceVM
+from lcow.spawn import SPAWN_LOCK
 
 log = logging.getLogger(__name__)
 
@@ -183,12 +184,13 @@ class ProcessServiceVM(ServiceVM):
         try:
             with self._priority_lock:
                 idle_prefix = idle_start_command() if self.background else ()
-                self.process = subprocess.Popen(
-                    [*idle_prefix, *command],
-                    pass_fds=[child.fileno()],
-                    stdin=subprocess.DEVNULL,
-                    close_fds=True,
-                )
+                with SPAWN_LOCK:
+                    self.process = subprocess.Popen(
+                        [*idle_prefix, *command],
+                        pass_fds=[child.fileno()],
+                        stdin=subprocess.DEVNULL,
+                        close_fds=True,
+                    )
                 self.idle = bool(idle_prefix)
         except OSError as err:
             parent.close()

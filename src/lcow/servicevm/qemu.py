@@ -55,6 +55,7 @@ from lcow.servicevm import vmbuild
 from lcow.servicevm.base import DEFAULT_STOP_TIMEOUT_S, ServiceVM
 from lcow.servicevm.qemu_config import QemuConfig, select_accelerator
 from lcow.servicevm.qmp import QmpClient
+from lcow.spawn import SPAWN_LOCK
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +247,7 @@ class QemuServiceVM(ServiceVM):
         _live_vms.add(self)
         try:
             command = self._command(self._folder, self.accelerator, self._initrd(self._folder))
-            with (self._folder / "qemu.log").open("wb") as qemu_log:
+            with (self._folder / "qemu.log").open("wb") as qemu_log, SPAWN_LOCK:
                 self.process = subprocess.Popen(
                     command,
                     stdin=subprocess.DEVNULL,

@@ -1,0 +1,30 @@
+"""Start child processes so that they never make a released lock look held.
+
+A forked child holds a copy of every descriptor of the driver's process until it closes
+them just before exec, and an flock belongs to the open file, not to one descriptor. While
+such a copy exists, a lock that an operation has just released stays held: a non-blocking
+attempt to take it in that moment, such as Get right after ApplyDiff, fails as if another
+operation still held the layer. Service VM workers start while other operations run (a
+spare starts as an operation ends), so their start and the store's non-blocking lock
+attempts exclude each other through ``SPAWN_LOCK``.
+"""
+
+import fcntl
+import threading
+from typing import Final
+
+SPAWN_LOCK: Final = threading.Lock()
+
+
+def try_flock(fd: int, operation: int) -> bool:
+    """Take ``operation`` (LOCK_SH or LOCK_EX) on ``fd`` without waiting; False when held.
+
+    Waits only for a child process that is being started, which has exec'd by the time
+    ``SPAWN_LOCK`` is free again.
+    """
+    with SPAWN_LOCK:
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+    return True
