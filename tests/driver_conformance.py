@@ -132,19 +132,18 @@ def child_pids() -> frozenset[int]:
 SPARE_START_LIMIT_S: Final = 60.0
 
 
-def ready_spare(driver: Driver) -> ServiceVM | None:
-    """Wait until the driver's spare service VM has started; return it, or None without one."""
-    if not driver.service_vms.wait_for_spare(SPARE_START_LIMIT_S):
-        return None
-    return driver.service_vms.spare
+def ready_spares(driver: Driver) -> list[ServiceVM]:
+    """Wait until the driver's spare service VMs have started; return them, oldest first."""
+    driver.service_vms.wait_for_spares(SPARE_START_LIMIT_S)
+    return driver.service_vms.spares
 
 
 @dataclasses.dataclass(frozen=True)
 class ProcessResources:
     """What a driver may hold in the test process: descriptors and child processes.
 
-    Given a driver, the capture waits until its spare service VM (prestart) has started and
-    leaves the spare's process and descriptors out: the spare belongs to no operation.
+    Given a driver, the capture waits until its spare service VMs (prestart) have started
+    and leaves their processes and descriptors out: a spare belongs to no operation.
     """
 
     open_fds: int
@@ -152,9 +151,9 @@ class ProcessResources:
 
     @classmethod
     def capture(cls, driver: Driver | None = None) -> ProcessResources:
-        spare = ready_spare(driver) if driver is not None else None
+        spares = ready_spares(driver) if driver is not None else []
         open_fds, children = open_fd_count(), child_pids()
-        if spare is not None:
+        for spare in spares:
             assert spare.channel is not None
             open_fds -= 2  # the spare's channel socket and its scratch disk
             children -= {spare.pid()}  # type: ignore[attr-defined]
@@ -169,19 +168,26 @@ def removing_folders(root: Path) -> list[str]:
 def scratch_disks(root: Path, *, spare: bool = False) -> list[str]:
     """List the files in ``scratch/``, where each running service VM keeps its scratch disk.
 
-    The spare service VM's disk is listed only with ``spare``: it belongs to no operation.
+    The spare service VMs' disks are listed only with ``spare``: they belong to no operation.
     """
     scratch = root / "scratch"
     names = sorted(entry.name for entry in scratch.iterdir()) if scratch.is_dir() else []
-    return [name for name in names if spare or not name.startswith(SPARE_NAME)]
+    # A spare that is starting may still be copying its disk, under a name starting with '.'.
+    return [name for name in names if spare or not name.lstrip(".").startswith(SPARE_NAME)]
 
 
 def temporary_files(root: Path) -> list[str]:
-    """List the files that a write in progress uses: names starting with '.' and ending in .tmp."""
+    """List the files that a write in progress uses: names starting with '.' and ending in .tmp.
+
+    A spare service VM that is starting may be copying its scratch disk; that copy belongs
+    to no operation and is left out.
+    """
     return sorted(
         str(path.relative_to(root))
         for path in root.rglob("*")
-        if path.name.startswith(".") and path.name.endswith(TEMPORARY_SUFFIX)
+        if path.name.startswith(".")
+        and path.name.endswith(TEMPORARY_SUFFIX)
+        and not path.name.startswith("." + SPARE_NAME)
     )
 
 

@@ -33,7 +33,7 @@ from lcow.driver import LAYER_IMAGE, Driver  # noqa: E402
 from lcow.errors import CorruptInputError, LcowError, ServiceVMError  # noqa: E402
 from lcow.servicevm import protocol  # noqa: E402
 from lcow.servicevm.base import DEFAULT_STOP_TIMEOUT_S, ServiceVM  # noqa: E402
-from lcow.servicevm.manager import SPARE_NAME  # noqa: E402
+from lcow.servicevm.manager import SPARE_COUNT, SPARE_NAME  # noqa: E402
 from lcow.servicevm.process import ProcessServiceVM, idle_start_command  # noqa: E402
 from oracle import skip_or_fail  # noqa: E402
 
@@ -118,9 +118,9 @@ def worker_pid(service_vm: ServiceVM) -> int:
 def service_vm_threads(driver: Driver) -> list[str]:
     """List the live threads that the driver names after its service VM work.
 
-    The spare service VM's threads are left out, once the spare has started.
+    The spare service VMs' threads are left out, once the spares have started.
     """
-    suite.ready_spare(driver)
+    suite.ready_spares(driver)
     return sorted(
         thread.name
         for thread in threading.enumerate()
@@ -133,12 +133,11 @@ def service_vm_threads(driver: Driver) -> list[str]:
 
 
 def spare_resources(driver: Driver) -> tuple[list[str], frozenset[int]]:
-    """Wait for the spare service VM; return its scratch disk names and its pids."""
-    spare = suite.ready_spare(driver)
-    if spare is None:
-        return [], frozenset()
-    assert isinstance(spare, ProcessServiceVM)
-    return [spare.scratch_path.name], frozenset([spare.pid()])  # type: ignore[attr-defined]
+    """Wait for the spare service VMs; return their scratch disk names and their pids."""
+    spares = suite.ready_spares(driver)
+    assert all(isinstance(spare, ProcessServiceVM) for spare in spares)
+    names = sorted(spare.scratch_path.name for spare in spares)  # type: ignore[attr-defined]
+    return names, frozenset(spare.pid() for spare in spares)  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("prestart", ["true", "false"])
@@ -179,7 +178,7 @@ def test_safe_mode_worker_per_operation(root: Path, prestart: str) -> None:
     try:
         for name, operation, started in steps:
             count = driver.service_vms.started_count
-            spare_before = driver.service_vms.spare
+            spares_before = driver.service_vms.spares
 
             operation()
 
@@ -188,8 +187,13 @@ def test_safe_mode_worker_per_operation(root: Path, prestart: str) -> None:
             scratch, pids = spare_resources(driver)
             if prestart == "false":
                 assert scratch == [], name
-            if started and spare_before is not None:
-                assert driver.service_vms.spare is not spare_before, name
+            if prestart == "true" and workers:
+                assert len(pids) == SPARE_COUNT, name
+            if started and spares_before:
+                # The operation took the oldest spare; a new one started after it.
+                spares = driver.service_vms.spares
+                assert spares_before[0] not in spares, name
+                assert spares[0] is spares_before[1], name
             assert suite.scratch_disks(driver.root, spare=True) == scratch, name
             assert suite.child_pids() == before.children | pids, name
             workers.extend(pids)
@@ -202,7 +206,8 @@ def test_safe_mode_worker_per_operation(root: Path, prestart: str) -> None:
     assert after.open_fds == before.open_fds
     if prestart == "true":
         # Every operation that used a service VM left a new spare behind, never an old one.
-        assert len(set(workers)) == sum(1 for *_, started in steps if started)
+        # The first operation found no spare, so it started its own and left SPARE_COUNT.
+        assert len(set(workers)) == sum(1 for *_, started in steps if started) + SPARE_COUNT - 1
 
 
 def test_diff_worker_until_close(safe_driver: Driver) -> None:
@@ -230,25 +235,53 @@ def scheduling_policies(service_vm: ServiceVM) -> set[int]:
 
 
 def test_spare_starts_at_idle_priority(safe_driver: Driver) -> None:
-    """A spare starts under SCHED_IDLE and runs its operation under SCHED_OTHER."""
+    """Spares start under SCHED_IDLE; the one an operation takes runs under SCHED_OTHER."""
     if not idle_start_command():
         skip_or_fail("chrt cannot start a process at idle priority and restore it")
     driver = safe_driver
-    driver.service_vms.start_spare()
-    spare = suite.ready_spare(driver)
-    assert spare is not None
+    driver.service_vms.start_spares()
+    spares = suite.ready_spares(driver)
+    assert len(spares) == SPARE_COUNT
 
-    spare_policies = scheduling_policies(spare)
+    spare_policies = [scheduling_policies(spare) for spare in spares]
     with driver.service_vms.acquire("operation") as service_vm:
         operation_policies = scheduling_policies(service_vm)
-        next_spare = suite.ready_spare(driver)
-        assert next_spare is not None
-        next_spare_policies = scheduling_policies(next_spare)
+        other_spare_policies = scheduling_policies(spares[1])
+    next_spares = suite.ready_spares(driver)
+    assert len(next_spares) == SPARE_COUNT
+    new_spare_policies = scheduling_policies(next_spares[1])
 
-    assert service_vm is spare
-    assert spare_policies == {os.SCHED_IDLE}
+    assert service_vm is spares[0]
+    assert next_spares[0] is spares[1]
+    assert spare_policies == [{os.SCHED_IDLE}] * SPARE_COUNT
     assert operation_policies == {os.SCHED_OTHER}
-    assert next_spare_policies == {os.SCHED_IDLE}
+    assert other_spare_policies == {os.SCHED_IDLE}
+    assert new_spare_policies == {os.SCHED_IDLE}
+
+
+def test_spare_starts_after_operation(safe_driver: Driver) -> None:
+    """No worker starts while an operation runs; the spares are topped up after it."""
+    driver = safe_driver
+    driver.service_vms.start_spares()
+    spares = suite.ready_spares(driver)
+    assert len(spares) == SPARE_COUNT
+    before = suite.child_pids()
+    spare_pids = {spare.pid() for spare in spares}  # type: ignore[attr-defined]
+
+    with driver.service_vms.acquire("operation") as service_vm:
+        during = suite.child_pids()
+        starting_during = driver.service_vms.spares_starting
+    starting_after = driver.service_vms.spares_starting
+    next_spares = suite.ready_spares(driver)
+
+    assert service_vm is spares[0]
+    assert spare_pids <= before
+    assert during == before
+    assert starting_during == 0
+    assert starting_after == 1
+    assert next_spares[0] is spares[1]
+    assert len(next_spares) == SPARE_COUNT
+    assert next_spares[1].pid() not in spare_pids  # type: ignore[attr-defined]
 
 
 # --- global mode ---------------------------------------------------------------------------

@@ -27,7 +27,7 @@ OPTION_HELP: Final = {
     "lcow.accel": "qemu backend: auto (default; KVM when a probe boot works), kvm or tcg",
     "lcow.hostmount": "true or false (default false): Get returns a mounted root (root only)",
     "lcow.prestart": "true or false (default true): in safe mode with the process backend, "
-    "start the next operation's service VM while the current one runs",
+    "keep two service VMs started ahead for the next operations",
 }
 
 

@@ -210,7 +210,7 @@ class PluginHandler(http.server.BaseHTTPRequestHandler):
                 self.server.state.driver.cleanup()
             self.server.state.driver = Driver(home or None, options)
             # dockerd calls Init at its start, well before the first ApplyDiff.
-            self.server.state.driver.service_vms.start_spare()
+            self.server.state.driver.service_vms.start_spares()
         log.info("Init home=%s options=%s", home, options)
         self._send_json(200, {})
 
