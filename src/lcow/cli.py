@@ -26,6 +26,8 @@ from lcow.layer.tar2ext4 import atomic_output, convert_tar
 from lcow.layer.tarstream import SOURCE_BUFFER_BYTES
 from lcow.options import parse_size
 
+NO_SPARES = "lcow.prestart=false"
+
 log = logging.getLogger(__name__)
 
 
@@ -58,12 +60,15 @@ class CliContext:
     def driver(self) -> Driver:
         """Open the store once per command (Init), with the root and storage options."""
         if self._driver is None:
+            # A command is one operation, so no later one would take a spare service VM.
+            # The user's own lcow.prestart comes later and wins.
+            options = [NO_SPARES, *self.storage_opts]
             try:
-                self._driver = Driver(self.root, list(self.storage_opts))
+                self._driver = Driver(self.root, options)
             except (LcowError, OSError) as err:
                 raise click.ClickException(f"failed to open the lcow store: {err}") from err
-            # A command is one process: stop the spare service VM the command started, and
-            # remove its scratch disk, before the process exits.
+            # A command is one process: stop any service VM the command started, and remove
+            # its scratch disk, before the process exits.
             context = click.get_current_context(silent=True)
             if context is not None:
                 context.find_root().call_on_close(self._driver.service_vms.terminate_all)
