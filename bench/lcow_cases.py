@@ -52,7 +52,7 @@ def run_child(arguments: list[str]) -> dict[str, Any]:
 def apply_diff(layer: Layer, store: Path, *, prestart: bool) -> Case:
     """Time Driver.apply_diff in safe mode (a new worker per call), process backend.
 
-    With ``prestart`` the driver's spare worker is ready before the timer starts, as in a
+    With ``prestart`` the driver's spare workers are ready before the timer starts, as in a
     running driver. Without it, the call is a new driver's first and starts its worker.
     The peak RSS is the worker's, because the child process reads ``ru_maxrss`` of its
     reaped children after the call and the worker is the only large one.
@@ -178,8 +178,8 @@ def create_read_write(driver: Driver) -> Case:
 def service_vm_start(manager: ServiceVMManager, name: str) -> Case:
     """Time a safe-mode service VM from ServiceVMManager.acquire to its terminate.
 
-    With prestart, the spare is ready before the timer starts, as in a driver whose
-    operations are further apart than a worker's start time, and acquire takes it. Without
+    With prestart, the spares are ready before the timer starts, as in a driver whose
+    operations are further apart than a worker's start time, and acquire takes one. Without
     prestart, acquire starts the worker and waits for its hello. The end of the ``with``
     block stops the worker.
     """
@@ -187,9 +187,9 @@ def service_vm_start(manager: ServiceVMManager, name: str) -> Case:
     def run(scratch: Path) -> Sample:
         del scratch
         if manager.prestart:
-            manager.start_spare()
-            if not manager.wait_for_spare(SPARE_READY_TIMEOUT_S):
-                raise RuntimeError("the spare service VM did not start")
+            manager.start_spares()
+            if not manager.wait_for_spares(SPARE_READY_TIMEOUT_S):
+                raise RuntimeError("the spare service VMs did not start")
         started = time.perf_counter()
         with manager.acquire(f"start-{next(_layer_numbers)}"):
             pass
@@ -199,16 +199,27 @@ def service_vm_start(manager: ServiceVMManager, name: str) -> Case:
 
 
 def changes(driver: Driver, layer_id: str, parent: str) -> list[Case]:
-    """Time Driver.changes and Driver.diff_size of ``layer_id`` against its parent."""
+    """Time Driver.changes and Driver.diff_size of ``layer_id`` against its parent.
+
+    The driver's spares are ready before the timer starts, as for ApplyDiff: each call is
+    short, so back to back they would wait for the spare that the call before started.
+    """
+
+    def spares_ready() -> None:
+        driver.service_vms.start_spares()
+        if not driver.service_vms.wait_for_spares(SPARE_READY_TIMEOUT_S):
+            raise RuntimeError("the spare service VMs did not start")
 
     def run_changes(scratch: Path) -> Sample:
         del scratch
+        spares_ready()
         started = time.perf_counter()
         listed = driver.changes(layer_id, parent)
         return Sample(time.perf_counter() - started, detail={"changes": len(listed)})
 
     def run_diff_size(scratch: Path) -> Sample:
         del scratch
+        spares_ready()
         started = time.perf_counter()
         size = driver.diff_size(layer_id, parent)
         return Sample(time.perf_counter() - started, detail={"size_bytes": size})

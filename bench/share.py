@@ -1,10 +1,12 @@
 """``--share INPUT``: where ApplyDiff spends the time that convert_tar does not.
 
 Safe-mode ApplyDiff with the process backend runs in this process on INPUT, 9 times in each
-of two ways, alternating, with the driver's spare worker ready before each call. One way
-lets the call start the next spare, as a running driver does. The other stops the driver
-from starting one, which no driver does, and so shows what the next spare's start costs
-the call. ``convert_tar`` of INPUT in this process is timed 9 times between them.
+of two ways, alternating. In one, the driver's spare workers are ready before the call,
+as in a driver whose operations are further apart than a worker's start, so nothing
+starts during the call. In the other, the call follows another ApplyDiff at once, so the spare
+that the first call's end started is starting while it runs; only the second call is
+timed. The difference is what a spare's start costs a call. ``convert_tar`` of INPUT in
+this process is timed 9 times between them.
 
 Every service VM request and the acquire and release of the worker are timed too, so the
 report splits a call into the ``tar2ext4`` request and the driver's steps around it.
@@ -26,8 +28,8 @@ from lcow.servicevm.manager import ServiceVMManager
 
 ROUNDS: Final = 9
 SPARE_READY_TIMEOUT_S: Final = 60.0
-WITH_SPARE: Final = "ApplyDiff, next spare starting"
-WITHOUT_SPARE: Final = "ApplyDiff, no next spare"
+SPARES_READY: Final = "ApplyDiff, spares ready"
+RIGHT_AFTER: Final = "ApplyDiff right after another, a spare starting"
 
 
 class _Timers:
@@ -57,10 +59,12 @@ class _Timers:
         def acquire(manager: ServiceVMManager, operation_id: str) -> Iterator[ServiceVM]:
             started = time.perf_counter()
             with real_acquire(manager, operation_id) as service_vm:
-                timers.add("acquire: take the spare, start the next", time.perf_counter() - started)
+                timers.add("acquire: take a spare", time.perf_counter() - started)
                 yield service_vm
                 released = time.perf_counter()
-            timers.add("release: stop and reap the worker", time.perf_counter() - released)
+            timers.add(
+                "release: stop and reap the worker, start a spare", time.perf_counter() - released
+            )
 
         ServiceVM.request = request  # type: ignore[method-assign,assignment]
         ServiceVMManager.acquire = acquire  # type: ignore[assignment]
@@ -79,25 +83,27 @@ def share(name: str, folder: Path) -> str:
     try:
         with timers.installed():
             for number in range(2 * ROUNDS):
-                with_spare = number % 2 == 0
+                right_after = number % 2 == 1
                 manager = driver.service_vms
-                manager.start_spare()
-                if not manager.wait_for_spare(SPARE_READY_TIMEOUT_S):
-                    raise OSError("the spare service VM did not start")
-                if not with_spare:
-                    # The call still takes the ready spare, but starts no next one.
-                    manager.start_spare = lambda: None  # type: ignore[method-assign]
-                layer_id = f"share-{number}"
-                driver.create(layer_id)
-                with layer.open("rb") as diff:
-                    started = time.perf_counter()
-                    driver.apply_diff(layer_id, None, diff)
-                    timers.add(
-                        WITH_SPARE if with_spare else WITHOUT_SPARE, time.perf_counter() - started
-                    )
-                vars(manager).pop("start_spare", None)
-                driver.remove(layer_id)
-                if with_spare:
+                manager.start_spares()
+                if not manager.wait_for_spares(SPARE_READY_TIMEOUT_S):
+                    raise OSError("the spare service VMs did not start")
+                layer_ids = [f"share-{number}-{call}" for call in range(1 + right_after)]
+                for layer_id in layer_ids:
+                    driver.create(layer_id)
+                for layer_id in layer_ids:
+                    # Only the last call is timed; with right_after, the first one's end
+                    # leaves a spare starting.
+                    with layer.open("rb") as diff:
+                        started = time.perf_counter()
+                        driver.apply_diff(layer_id, None, diff)
+                        seconds = time.perf_counter() - started
+                timers.add(RIGHT_AFTER if right_after else SPARES_READY, seconds)
+                for layer_id in layer_ids:
+                    driver.remove(layer_id)
+                if not right_after:
+                    # Replacing the last round's image would time the freeing of its pages.
+                    (folder / "share.vhd").unlink(missing_ok=True)
                     started = time.perf_counter()
                     convert_tar(layer, folder / "share.vhd")
                     timers.add("convert_tar in this process", time.perf_counter() - started)
