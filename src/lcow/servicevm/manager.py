@@ -11,7 +11,7 @@
   still gets a worker of its own, which stops when the operation ends.
 
   A spare starts after an operation, not while it runs. On a 2-core machine, a worker
-  starting at idle priority made a running ApplyDiff of a small layer 7 to 8 % slower,
+  starting at idle priority made a running ApplyDiff of a small layer 8 to 10 % slower,
   where a busy loop at idle priority cost it about 1 %. The second spare serves an
   operation that follows at once, which then overlaps the next spare's start.
 
