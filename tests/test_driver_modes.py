@@ -13,7 +13,6 @@ import io
 import os
 import socket
 import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -34,7 +33,11 @@ from lcow.errors import CorruptInputError, LcowError, ServiceVMError  # noqa: E4
 from lcow.servicevm import protocol  # noqa: E402
 from lcow.servicevm.base import DEFAULT_STOP_TIMEOUT_S, ServiceVM  # noqa: E402
 from lcow.servicevm.manager import SPARE_COUNT, SPARE_NAME  # noqa: E402
-from lcow.servicevm.process import ProcessServiceVM, idle_start_command  # noqa: E402
+from lcow.servicevm.process import (  # noqa: E402
+    ProcessServiceVM,
+    idle_start_command,
+    worker_command,
+)
 from oracle import skip_or_fail  # noqa: E402
 
 SAFE_OPTIONS: Final = ["lcow.globalmode=false"]
@@ -365,15 +368,7 @@ def test_worker_exits_quietly_without_driver() -> None:
     ECONNRESET, as it does when a driver exits with a spare still starting.
     """
     driver_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    command = [
-        sys.executable,
-        "-m",
-        "lcow.servicevm.worker",
-        "--channel-fd",
-        str(worker_end.fileno()),
-        "--log-level",
-        "INFO",
-    ]
+    command = worker_command(worker_end.fileno(), "--log-level", "INFO")
     worker = subprocess.Popen(
         command, pass_fds=[worker_end.fileno()], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE
     )

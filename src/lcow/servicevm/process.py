@@ -109,6 +109,18 @@ def idle_start_command() -> tuple[str, ...]:
     return (chrt, "--idle", "0")
 
 
+def worker_command(channel_fd: int, *options: str) -> list[str]:
+    """Return the command that runs the worker program on the channel ``channel_fd``."""
+    return [
+        sys.executable,
+        "-m",
+        "lcow.servicevm.worker",
+        "--channel-fd",
+        str(channel_fd),
+        *options,
+    ]
+
+
 def _tree_tasks(pid: int) -> Iterator[int]:
     """Yield the thread ids of process ``pid`` and of its descendants, parents first.
 
@@ -167,17 +179,15 @@ class ProcessServiceVM(ServiceVM):
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         command = [
             *prefix,
-            sys.executable,
-            "-m",
-            "lcow.servicevm.worker",
-            "--channel-fd",
-            str(child.fileno()),
-            "--name",
-            self.name,
-            "--namespaces",
-            ",".join(names),
-            "--log-level",
-            logging.getLevelName(logging.getLogger("lcow").getEffectiveLevel()),
+            *worker_command(
+                child.fileno(),
+                "--name",
+                self.name,
+                "--namespaces",
+                ",".join(names),
+                "--log-level",
+                logging.getLevelName(logging.getLogger("lcow").getEffectiveLevel()),
+            ),
         ]
         for path in self.hide:
             command += ["--hide", path]
