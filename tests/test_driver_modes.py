@@ -262,6 +262,25 @@ def test_spare_starts_at_idle_priority(safe_driver: Driver) -> None:
     assert new_spare_policies == {os.SCHED_IDLE}
 
 
+def test_first_operation_starts_one_spare(safe_driver: Driver) -> None:
+    """An operation that finds no spare starts one beside it and the other after it."""
+    driver = safe_driver
+    manager = driver.service_vms
+    before = suite.child_pids()
+    assert manager.spares == []
+
+    with manager.acquire("first") as service_vm:
+        spares_during = suite.ready_spares(driver)
+        children_during = suite.child_pids() - before
+        worker = service_vm.pid()  # type: ignore[attr-defined]
+    spares_after = suite.ready_spares(driver)
+
+    assert len(spares_during) == 1
+    assert children_during == {worker, spares_during[0].pid()}  # type: ignore[attr-defined]
+    assert len(spares_after) == SPARE_COUNT
+    assert spares_after[0] is spares_during[0]
+
+
 def test_spare_starts_after_operation(safe_driver: Driver) -> None:
     """No worker starts while an operation runs; the spares are topped up after it."""
     driver = safe_driver

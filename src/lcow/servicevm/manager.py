@@ -7,7 +7,7 @@
 - Prestart (safe mode, process backend): the manager keeps up to two spare service VMs,
   workers that have served nothing yet. An operation takes one under its own name instead
   of waiting for a worker to start, and a new spare starts after the operation has ended.
-  An operation that finds no spare starts its own worker, then the spares. Every operation
+  An operation that finds no spare starts its own worker, then one spare. Every operation
   still gets a worker of its own, which stops when the operation ends.
 
   A spare starts after an operation, not while it runs. On a 2-core machine, a worker
@@ -190,8 +190,9 @@ class ServiceVMManager:
         if service_vm is None:
             service_vm = self._start(name)
             # No spare was there: this is a new driver's first operation, or operations
-            # come faster than spares start. Start them now, so the next one finds one.
-            self.start_spares()
+            # come faster than spares start. One starts now, so that the next operation
+            # finds it. The other starts after this one, because a starting spare slows it.
+            self.start_spares(1)
         with self._lock:
             self.started_count += 1  # service VMs handed to operations, spares taken included
         try:
@@ -202,10 +203,10 @@ class ServiceVMManager:
             finally:
                 self.start_spares()
 
-    def start_spares(self) -> None:
-        """Start spare service VMs in the background until SPARE_COUNT are ready or starting."""
+    def start_spares(self, count: int = SPARE_COUNT) -> None:
+        """Start spare service VMs in the background until ``count`` are ready or starting."""
         with self._lock:
-            while self.prestart and len(self._spares) < SPARE_COUNT:
+            while self.prestart and len(self._spares) < count:
                 spare = _SpareStart(self)
                 self._spares.append(spare)
                 # Started under the lock, so that _take_spare never joins an unstarted thread.
