@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import signal
 import socket
 import subprocess
 import tarfile
@@ -260,6 +261,33 @@ def test_spare_starts_at_idle_priority(safe_driver: Driver) -> None:
     assert operation_policies == {os.SCHED_OTHER}
     assert other_spare_policies == {os.SCHED_IDLE}
     assert new_spare_policies == {os.SCHED_IDLE}
+
+
+SPARE_EXIT_TIMEOUT_S: Final = 10.0
+
+
+def test_dead_spare_is_skipped(safe_driver: Driver) -> None:
+    """An operation passes over a spare whose worker ended and takes the next one."""
+    driver = safe_driver
+    manager = driver.service_vms
+    manager.start_spares()
+    spares = suite.ready_spares(driver)
+    assert len(spares) == SPARE_COUNT
+    dead = spares[0]
+    os.kill(dead.pid(), signal.SIGKILL)  # type: ignore[attr-defined]
+    deadline = time.monotonic() + SPARE_EXIT_TIMEOUT_S
+    while dead.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not dead.running
+    count = manager.started_count
+
+    with manager.acquire("operation") as service_vm:
+        names = manager.running_names()
+
+    assert service_vm is spares[1]
+    assert names == ["operation_svm"]
+    assert manager.started_count == count + 1
+    assert spares[0] not in suite.ready_spares(driver)
 
 
 def test_first_operation_starts_one_spare(safe_driver: Driver) -> None:

@@ -10,10 +10,11 @@
   An operation that finds no spare starts its own worker, then one spare. Every operation
   still gets a worker of its own, which stops when the operation ends.
 
-  A spare starts after an operation, not while it runs. On a 2-core machine, a worker
-  starting at idle priority made a running ApplyDiff of a small layer 8 to 10 % slower,
-  where a busy loop at idle priority cost it about 1 %. The second spare serves an
-  operation that follows at once, which then overlaps the next spare's start.
+  A spare starts after an operation, not while it runs, unless the operation found none.
+  On a 2-core machine, a worker starting at idle priority made a running ApplyDiff of a
+  small layer 8 to 10 % slower. A busy loop at idle priority slowed a conversion by about
+  1 %, so it is the start's work that interferes. The second spare serves an operation
+  that follows at once, which then overlaps the next spare's start.
 
 Each service VM gets its own scratch disk, a copy of ``cache/scratch.vhdx`` in
 ``scratch/<name>.vhdx``, hot-added at start and deleted when the service VM stops.
@@ -187,15 +188,17 @@ class ServiceVMManager:
 
         name = f"{operation_id}_svm"
         service_vm = self._take_spare(name) if self.prestart else None
+        found_spare = service_vm is not None
         if service_vm is None:
             service_vm = self._start(name)
-            # No spare was there: this is a new driver's first operation, or operations
-            # come faster than spares start. One starts now, so that the next operation
-            # finds it. The other starts after this one, because a starting spare slows it.
-            self.start_spares(1)
         with self._lock:
             self.started_count += 1  # service VMs handed to operations, spares taken included
         try:
+            if not found_spare:
+                # This is a new driver's first operation, or operations come faster than
+                # spares start. One starts now, so that the next operation finds it. The
+                # other starts after this one, because a starting spare slows it.
+                self.start_spares(1)
             yield service_vm
         finally:
             try:
@@ -206,56 +209,68 @@ class ServiceVMManager:
     def start_spares(self, count: int = SPARE_COUNT) -> None:
         """Start spare service VMs in the background until ``count`` are ready or starting."""
         with self._lock:
+            # A spare that failed to start gives its place to a new one.
+            self._spares = [spare for spare in self._spares if spare.is_alive() or spare.service_vm]
             while self.prestart and len(self._spares) < count:
                 spare = _SpareStart(self)
-                self._spares.append(spare)
                 # Started under the lock, so that _take_spare never joins an unstarted thread.
                 spare.start()
+                self._spares.append(spare)
 
     def wait_for_spares(self, timeout_s: float) -> bool:
-        """Wait until every spare has started; return whether all of them are ready."""
+        """Wait for the spares there are now; return whether each one runs.
+
+        False also when there is no spare, as with prestart off.
+        """
         with self._lock:
             spares = list(self._spares)
         deadline = time.monotonic() + timeout_s
         for spare in spares:
             spare.join(max(0.0, deadline - time.monotonic()))
-        return bool(spares) and all(spare.service_vm is not None for spare in spares)
+        return bool(spares) and all(
+            spare.service_vm is not None and spare.service_vm.running for spare in spares
+        )
 
     def _take_spare(self, name: str) -> ServiceVM | None:
-        """Return the oldest spare service VM renamed to ``name``, or None when there is none.
+        """Return the oldest running spare renamed to ``name``, or None when there is none.
 
         A spare that is still starting is waited for, because it is further along than a
-        new start would be.
+        new start would be. Spares that failed to start, or whose worker ended, are dropped.
         """
-        with self._lock:
-            spare = self._spares.pop(0) if self._spares else None
-        if spare is None:
-            return None
-        starting = spare.starting
-        if starting is not None:
-            # A spare still starting in the background would keep the operation waiting.
-            starting.to_foreground()
-        spare.join()
-        service_vm = spare.service_vm
-        if service_vm is None or not service_vm.running:
+        while True:
+            with self._lock:
+                spare = self._spares.pop(0) if self._spares else None
+            if spare is None:
+                return None
+            starting = spare.starting
+            if starting is not None:
+                # A spare still starting in the background would keep the operation waiting.
+                starting.to_foreground()
+            spare.join()
+            service_vm = spare.service_vm
+            if service_vm is not None and service_vm.running:
+                return self._rename_spare(service_vm, name)
             if service_vm is not None:
                 self._stop(service_vm)
-            return None
+
+    def _rename_spare(self, service_vm: ServiceVM, name: str) -> ServiceVM | None:
+        """Give a spare the operation's name; None, with the spare stopped, when that fails."""
         service_vm.to_foreground()
-        with self._lock:
-            new_name = self._unique_name(name)
-            if self._running.get(service_vm.name) is service_vm:
-                del self._running[service_vm.name]
-            service_vm.rename(new_name)
-            self._running[new_name] = service_vm
+        scratch: Path = service_vm.scratch_path  # type: ignore[attr-defined]
         try:
-            # The spare's scratch name is free again for the next spare only after this.
-            scratch: Path = service_vm.scratch_path  # type: ignore[attr-defined]
-            renamed = scratch.rename(scratch.with_name(f"{new_name}.{os.getpid()}.vhdx"))
-            service_vm.scratch_path = renamed  # type: ignore[attr-defined]
+            with self._lock:
+                new_name = self._unique_name(name)
+                if self._running.get(service_vm.name) is service_vm:
+                    del self._running[service_vm.name]
+                service_vm.rename(new_name)
+                self._running[new_name] = service_vm
+                # Under the lock: a spare that starts now may take the old name, and with it
+                # the old scratch path.
+                renamed = scratch.rename(scratch.with_name(f"{new_name}.{os.getpid()}.vhdx"))
+                service_vm.scratch_path = renamed  # type: ignore[attr-defined]
             service_vm.request("rename", name=new_name)
         except (ServiceVMError, OSError) as err:
-            log.warning("failed to use the spare service VM as %s: %s", new_name, err)
+            log.warning("failed to use the spare service VM for %s: %s", name, err)
             self._stop(service_vm)
             return None
         return service_vm
