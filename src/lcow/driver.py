@@ -61,7 +61,7 @@ from lcow.options import DriverOptions, parse_size
 from lcow.servicevm.base import ServiceVM
 from lcow.servicevm.manager import ServiceVMManager
 from lcow.servicevm.qemu_config import QemuConfig
-from lcow.spawn import try_flock
+from lcow.spawn import SPAWN_LOCK, try_flock
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ EMPTY_TAR: Final = bytes(10240)  # a tar with no members: its end marker, padded
 REMOVE_WAIT_S: Final = 15.0
 MIN_SANDBOX_BYTES: Final = 16 << 20
 LOCK_POLL_S: Final = 0.05
+FSFREEZE_TIMEOUT_S: Final = 60.0
 
 
 def default_root() -> Path:
@@ -747,10 +748,8 @@ class Driver:
         mount_point = self.host_mounts.mounted_sandbox(disk)
         if mount_point is None:
             return
-        subprocess.run(["fsfreeze", "--freeze", str(mount_point)], check=True, timeout=60)
-        stack.callback(
-            subprocess.run, ["fsfreeze", "--unfreeze", str(mount_point)], check=False, timeout=60
-        )
+        _run_spawned(["fsfreeze", "--freeze", str(mount_point)], check=True)
+        stack.callback(_run_spawned, ["fsfreeze", "--unfreeze", str(mount_point)], check=False)
 
     def changes(self, layer_id: str, parent: str | None = None) -> list[tuple[str, int]]:
         """List (path, kind) changes: kind 0 modify, 1 add, 2 delete."""
@@ -918,11 +917,18 @@ class _Request(threading.Thread):
             log.warning("%s in service VM %s failed: %s", self.op, self.service_vm.name, err)
 
 
+def _run_spawned(command: list[str], *, check: bool) -> None:
+    """Run a short command under SPAWN_LOCK, kept until the command ends."""
+    with SPAWN_LOCK:
+        subprocess.run(command, check=check, timeout=FSFREEZE_TIMEOUT_S)
+
+
 def e2fsprogs_version() -> str:
     """Return the version mke2fs reports, or ``unknown``."""
     program = shutil.which("mke2fs") or "/sbin/mke2fs"
     try:
-        result = subprocess.run([program, "-V"], capture_output=True, text=True, check=False)
+        with SPAWN_LOCK:
+            result = subprocess.run([program, "-V"], capture_output=True, text=True, check=False)
     except OSError:
         return "unknown"
     match = re.search(r"mke2fs ([0-9][0-9.]*)", result.stderr + result.stdout)

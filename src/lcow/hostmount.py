@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Final
 
 from lcow.errors import FailedPreconditionError, LcowError, UnsupportedError
-from lcow.spawn import try_flock
+from lcow.spawn import SPAWN_LOCK, try_flock
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,10 @@ MOUNT_TIMEOUT_S: Final = 60.0
 
 
 def _run(command: list[str], *, cwd: Path | None = None) -> None:
-    result = subprocess.run(
-        command, capture_output=True, text=True, cwd=cwd, timeout=MOUNT_TIMEOUT_S, check=False
-    )
+    with SPAWN_LOCK:
+        result = subprocess.run(
+            command, capture_output=True, text=True, cwd=cwd, timeout=MOUNT_TIMEOUT_S, check=False
+        )
     if result.returncode != 0:
         raise LcowError(
             f"failed to run {' '.join(command)}: exit status {result.returncode}: "
@@ -66,7 +67,7 @@ def check_support() -> None:
         problems.append("/dev/loop-control is missing (load the loop module)")
     filesystems = Path("/proc/filesystems").read_text()
     if "overlay" not in filesystems:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
+        with contextlib.suppress(OSError, subprocess.SubprocessError), SPAWN_LOCK:
             subprocess.run(["modprobe", "overlay"], capture_output=True, timeout=30, check=False)
         filesystems = Path("/proc/filesystems").read_text()
         if "overlay" not in filesystems:

@@ -4,9 +4,14 @@ A forked child holds a copy of every descriptor of the driver's process until it
 them just before exec, and an flock belongs to the open file, not to one descriptor. While
 such a copy exists, a lock that an operation has just released stays held: a non-blocking
 attempt to take it in that moment, such as Get right after ApplyDiff, fails as if another
-operation still held the layer. Service VM workers start while other operations run (a
-spare starts as an operation ends), so their start and the store's non-blocking lock
-attempts exclude each other through ``SPAWN_LOCK``.
+operation still held the layer. So every child process that the driver's process starts
+(service VM workers, which start while other operations run, and the short commands such
+as mount and fsfreeze) starts under ``SPAWN_LOCK``, and the store's non-blocking lock
+attempts take it too. A worker's start keeps it until the worker has exec'd, a short
+command until it ends. Another process that forks can still hold a copy for a moment.
+
+NOTE: the qemu backend's accelerator probe, which boots a VM once per process and can take
+seconds, runs without it.
 """
 
 import fcntl

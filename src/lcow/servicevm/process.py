@@ -66,13 +66,14 @@ def namespace_support() -> tuple[tuple[str, ...], tuple[str, ...]]:
                 "unshare (util-linux) is missing: service VM workers run without namespaces"
             )
             break
-        probe = subprocess.run(
-            [unshare, *options, "true"],
-            capture_output=True,
-            text=True,
-            timeout=PROBE_TIMEOUT_S,
-            check=False,
-        )
+        with SPAWN_LOCK:
+            probe = subprocess.run(
+                [unshare, *options, "true"],
+                capture_output=True,
+                text=True,
+                timeout=PROBE_TIMEOUT_S,
+                check=False,
+            )
         if probe.returncode == 0:
             if names != NAMESPACE_SETS[0][0]:
                 log.warning(
@@ -96,13 +97,14 @@ def idle_start_command() -> tuple[str, ...]:
     chrt = shutil.which("chrt")
     if chrt is None:
         return ()
-    probe = subprocess.run(
-        [chrt, "--idle", "0", chrt, "--other", "0", "true"],
-        capture_output=True,
-        text=True,
-        timeout=PROBE_TIMEOUT_S,
-        check=False,
-    )
+    with SPAWN_LOCK:
+        probe = subprocess.run(
+            [chrt, "--idle", "0", chrt, "--other", "0", "true"],
+            capture_output=True,
+            text=True,
+            timeout=PROBE_TIMEOUT_S,
+            check=False,
+        )
     if probe.returncode != 0:
         log.info("spare service VMs start at normal priority: %s", probe.stderr.strip())
         return ()
