@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from lcow.cli import main
+from lcow.cli import CliContext, main
 from oracle import e2fsck_clean
 
 
@@ -178,3 +178,24 @@ def test_apply_diff_corrupt_leaves_nothing(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "failed to apply diff to layer layer" in result.output
     assert sorted(p.name for p in (root / "layer").iterdir()) == [".lock", "layerchain.json"]
+
+
+@pytest.mark.parametrize(
+    ("storage_opts", "spares", "prestart"),
+    [
+        ((), False, False),  # one operation: no spare would serve it
+        ((), True, True),  # image import: one ApplyDiff per layer
+        (("lcow.prestart=true",), False, True),  # the user's option wins
+        (("lcow.prestart=false",), True, False),
+    ],
+)
+def test_command_store_spares(
+    tmp_path: Path, storage_opts: tuple[str, ...], spares: bool, prestart: bool
+) -> None:
+    context = CliContext(root=tmp_path / "root", storage_opts=storage_opts, json_output=False)
+    driver = context.driver(spares=spares)
+    try:
+        assert driver.options.prestart is prestart
+        assert driver.service_vms.prestart is prestart
+    finally:
+        driver.cleanup()

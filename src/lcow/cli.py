@@ -24,9 +24,7 @@ from lcow.ext4.writer import DEFAULT_MAX_SIZE_BYTES
 from lcow.layer.export import export_tar
 from lcow.layer.tar2ext4 import atomic_output, convert_tar
 from lcow.layer.tarstream import SOURCE_BUFFER_BYTES
-from lcow.options import parse_size
-
-NO_SPARES = "lcow.prestart=false"
+from lcow.options import NO_SPARES_OPTION, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +55,14 @@ class CliContext:
     json_output: bool
     _driver: Driver | None = None
 
-    def driver(self) -> Driver:
-        """Open the store once per command (Init), with the root and storage options."""
+    def driver(self, *, spares: bool = False) -> Driver:
+        """Open the store once per command (Init), with the root and storage options.
+
+        Without ``spares``, the store starts no spare service VMs: most commands are one
+        operation, which no spare serves. The user's own lcow.prestart comes later and wins.
+        """
         if self._driver is None:
-            # A command is one operation, so no later one would take a spare service VM.
-            # The user's own lcow.prestart comes later and wins.
-            options = [NO_SPARES, *self.storage_opts]
+            options = [*([] if spares else [NO_SPARES_OPTION]), *self.storage_opts]
             try:
                 self._driver = Driver(self.root, options)
             except (LcowError, OSError) as err:

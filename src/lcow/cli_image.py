@@ -18,6 +18,7 @@ from tqdm import tqdm
 from lcow.driver import Driver
 from lcow.errors import LcowError
 from lcow.image import ImageRecord, ImportResult, import_image, list_images, remove_image
+from lcow.options import NO_SPARES_OPTION
 
 Result = TypeVar("Result")
 
@@ -30,19 +31,21 @@ class _StoreContext(Protocol):
 
     json_output: bool
 
-    def driver(self) -> Driver: ...
+    def driver(self, *, spares: bool = False) -> Driver: ...
 
 
-def _driver(ctx: click.Context) -> Driver:
+def _driver(ctx: click.Context, *, spares: bool = False) -> Driver:
+    """Open the store; ``spares`` keeps spare service VMs for a command of many operations."""
     if isinstance(ctx.obj, _StoreContext):
-        return ctx.obj.driver()
+        return ctx.obj.driver(spares=spares)
 
     cached = ctx.meta.get("lcow.image.driver")
     if isinstance(cached, Driver):
         return cached
     params = ctx.find_root().params
+    options = [*([] if spares else [NO_SPARES_OPTION]), *(params.get("storage_opts") or ())]
     try:
-        driver = Driver(params.get("root"), list(params.get("storage_opts") or ()))
+        driver = Driver(params.get("root"), options)
     except (LcowError, OSError) as err:
         raise click.ClickException(f"failed to open the lcow store: {err}") from err
     # Each command is one process: stop its service VMs when it ends, keep the layers.
@@ -128,7 +131,8 @@ def import_command(
     the name is the archive's first tag, the layout's ref name, or else the config digest.
     Layers that the store has already are not converted again.
     """
-    driver = _driver(ctx)
+    # Each layer is an ApplyDiff, so spares keep the next layer from waiting for a worker.
+    driver = _driver(ctx, spares=True)
     show_progress = sys.stderr.isatty() if progress is None else progress
     bars = _ProgressBars(show_progress)
     try:

@@ -6,6 +6,8 @@ from typing import Final
 
 from lcow.errors import InvalidArgumentError
 
+# Prepended to a command's options where no spare service VM would serve an operation.
+NO_SPARES_OPTION: Final = "lcow.prestart=false"
 BACKENDS: Final = ("process", "qemu")
 ACCELERATORS: Final = ("auto", "kvm", "tcg")
 MIN_VM_MEMORY_MIB: Final = 256  # the initrd unpacks to about 75 MiB, Python needs the rest
