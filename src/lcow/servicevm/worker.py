@@ -145,12 +145,16 @@ class Worker:
         try:
             with self._send_lock:
                 protocol.send(self.channel, message)
-        except OSError as err:
+        except ConnectionError as err:
             log.info(
                 "failed to send the reply to request %s %s: the driver closed the channel: %s",
                 request.get("id"),
                 request.get("op"),
                 err,
+            )
+        except OSError:
+            log.exception(
+                "failed to send the reply to request %s %s", request.get("id"), request.get("op")
             )
 
     def _serve(self, request: dict[str, Any]) -> None:
