@@ -35,7 +35,6 @@ import os
 import re
 import shutil
 import stat
-import subprocess
 import tempfile
 import threading
 import time
@@ -43,7 +42,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, Final
 
-from lcow import __version__
+from lcow import __version__, spawn
 from lcow.clone import clone_file
 from lcow.errors import (
     AlreadyExistsError,
@@ -61,7 +60,7 @@ from lcow.options import DriverOptions, parse_size
 from lcow.servicevm.base import ServiceVM
 from lcow.servicevm.manager import ServiceVMManager
 from lcow.servicevm.qemu_config import QemuConfig
-from lcow.spawn import SPAWN_LOCK, try_flock
+from lcow.spawn import try_lock_file
 
 log = logging.getLogger(__name__)
 
@@ -121,16 +120,7 @@ def _flock(path: Path, operation: int) -> Iterator[int]:
 
 def _try_exclusive(path: Path) -> int | None:
     """Open ``path`` and take an exclusive flock without waiting; None when it is held."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        locked = try_flock(fd, fcntl.LOCK_EX)
-    except BaseException:
-        os.close(fd)
-        raise
-    if not locked:
-        os.close(fd)
-        return None
-    return fd
+    return try_lock_file(path, fcntl.LOCK_EX)
 
 
 def _wait_exclusive(path: Path, timeout_s: float) -> int | None:
@@ -426,17 +416,12 @@ class Driver:
         with self._refs_lock:
             count, fd = self._refs.get(layer_id, (0, -1))
             if count == 0:
-                fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                try:
-                    locked = try_flock(fd, fcntl.LOCK_SH)
-                except BaseException:
-                    os.close(fd)
-                    raise
-                if not locked:
-                    os.close(fd)
+                locked_fd = try_lock_file(folder / LOCK_FILE, fcntl.LOCK_SH)
+                if locked_fd is None:
                     raise FailedPreconditionError(
                         f"failed to get layer {layer_id}: it is being written or removed"
                     )
+                fd = locked_fd
             if self.host_mounts is not None:
                 try:
                     path = self._host_mount(layer_id, folder)
@@ -748,8 +733,15 @@ class Driver:
         mount_point = self.host_mounts.mounted_sandbox(disk)
         if mount_point is None:
             return
-        _run_spawned(["fsfreeze", "--freeze", str(mount_point)], check=True)
-        stack.callback(_run_spawned, ["fsfreeze", "--unfreeze", str(mount_point)], check=False)
+        spawn.run(
+            ["fsfreeze", "--freeze", str(mount_point)], check=True, timeout=FSFREEZE_TIMEOUT_S
+        )
+        stack.callback(
+            spawn.run,
+            ["fsfreeze", "--unfreeze", str(mount_point)],
+            check=False,
+            timeout=FSFREEZE_TIMEOUT_S,
+        )
 
     def changes(self, layer_id: str, parent: str | None = None) -> list[tuple[str, int]]:
         """List (path, kind) changes: kind 0 modify, 1 add, 2 delete."""
@@ -917,18 +909,11 @@ class _Request(threading.Thread):
             log.warning("%s in service VM %s failed: %s", self.op, self.service_vm.name, err)
 
 
-def _run_spawned(command: list[str], *, check: bool) -> None:
-    """Run a short command under SPAWN_LOCK, kept until the command ends."""
-    with SPAWN_LOCK:
-        subprocess.run(command, check=check, timeout=FSFREEZE_TIMEOUT_S)
-
-
 def e2fsprogs_version() -> str:
     """Return the version mke2fs reports, or ``unknown``."""
     program = shutil.which("mke2fs") or "/sbin/mke2fs"
     try:
-        with SPAWN_LOCK:
-            result = subprocess.run([program, "-V"], capture_output=True, text=True, check=False)
+        result = spawn.run([program, "-V"], capture_output=True, text=True, check=False)
     except OSError:
         return "unknown"
     match = re.search(r"mke2fs ([0-9][0-9.]*)", result.stderr + result.stdout)

@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from lcow import spawn
 from lcow.errors import FailedPreconditionError, LcowError, UnsupportedError
-from lcow.spawn import SPAWN_LOCK, try_flock
+from lcow.spawn import try_lock_file
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,9 @@ MOUNT_TIMEOUT_S: Final = 60.0
 
 
 def _run(command: list[str], *, cwd: Path | None = None) -> None:
-    with SPAWN_LOCK:
-        result = subprocess.run(
-            command, capture_output=True, text=True, cwd=cwd, timeout=MOUNT_TIMEOUT_S, check=False
-        )
+    result = spawn.run(
+        command, capture_output=True, text=True, cwd=cwd, timeout=MOUNT_TIMEOUT_S, check=False
+    )
     if result.returncode != 0:
         raise LcowError(
             f"failed to run {' '.join(command)}: exit status {result.returncode}: "
@@ -67,8 +67,8 @@ def check_support() -> None:
         problems.append("/dev/loop-control is missing (load the loop module)")
     filesystems = Path("/proc/filesystems").read_text()
     if "overlay" not in filesystems:
-        with contextlib.suppress(OSError, subprocess.SubprocessError), SPAWN_LOCK:
-            subprocess.run(["modprobe", "overlay"], capture_output=True, timeout=30, check=False)
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            spawn.run(["modprobe", "overlay"], capture_output=True, timeout=30, check=False)
         filesystems = Path("/proc/filesystems").read_text()
         if "overlay" not in filesystems:
             problems.append("the kernel has no overlayfs (modprobe overlay)")
@@ -175,19 +175,12 @@ class HostMounts:
             return existing.path
         lock_fd = -1
         if writable:
-            lock_fd = os.open(
-                image.with_name(".mount.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
-            )
-            try:
-                locked = try_flock(lock_fd, fcntl.LOCK_EX)
-            except BaseException:
-                os.close(lock_fd)
-                raise
-            if not locked:
-                os.close(lock_fd)
+            locked_fd = try_lock_file(image.with_name(".mount.lock"), fcntl.LOCK_EX)
+            if locked_fd is None:
                 raise FailedPreconditionError(
                     f"failed to mount sandbox {image}: another process has it mounted"
                 )
+            lock_fd = locked_fd
         short = format(self._next_short, "x")
         self._next_short += 1
         mount_point = self.folder / "i" / short

@@ -15,21 +15,37 @@ seconds, runs without it.
 """
 
 import fcntl
+import os
+import subprocess
 import threading
-from typing import Final
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Final
 
 SPAWN_LOCK: Final = threading.Lock()
 
 
-def try_flock(fd: int, operation: int) -> bool:
-    """Take ``operation`` (LOCK_SH or LOCK_EX) on ``fd`` without waiting; False when held.
+def run(command: Sequence[str], **options: Any) -> subprocess.CompletedProcess[Any]:
+    """Run a short command with ``subprocess.run`` and ``options`` under SPAWN_LOCK."""
+    with SPAWN_LOCK:
+        return subprocess.run(command, **options)  # noqa: PLW1510 - every caller passes check
 
-    Waits only for a child process that is being started, which has exec'd by the time
+
+def try_lock_file(path: Path, operation: int) -> int | None:
+    """Open ``path`` (created if missing) and take ``operation`` (LOCK_SH or LOCK_EX) on it.
+
+    Returns the descriptor, or None without waiting when another open file holds the lock.
+    It waits only for a child process that is being started, which has exec'd by the time
     ``SPAWN_LOCK`` is free again.
     """
-    with SPAWN_LOCK:
-        try:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        with SPAWN_LOCK:
             fcntl.flock(fd, operation | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-    return True
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
+from lcow import spawn
 from lcow.errors import ServiceVMError
 from lcow.servicevm.base import DEFAULT_STOP_TIMEOUT_S, ServiceVM
 from lcow.spawn import SPAWN_LOCK
@@ -66,14 +67,13 @@ def namespace_support() -> tuple[tuple[str, ...], tuple[str, ...]]:
                 "unshare (util-linux) is missing: service VM workers run without namespaces"
             )
             break
-        with SPAWN_LOCK:
-            probe = subprocess.run(
-                [unshare, *options, "true"],
-                capture_output=True,
-                text=True,
-                timeout=PROBE_TIMEOUT_S,
-                check=False,
-            )
+        probe = spawn.run(
+            [unshare, *options, "true"],
+            capture_output=True,
+            text=True,
+            timeout=PROBE_TIMEOUT_S,
+            check=False,
+        )
         if probe.returncode == 0:
             if names != NAMESPACE_SETS[0][0]:
                 log.warning(
@@ -97,14 +97,13 @@ def idle_start_command() -> tuple[str, ...]:
     chrt = shutil.which("chrt")
     if chrt is None:
         return ()
-    with SPAWN_LOCK:
-        probe = subprocess.run(
-            [chrt, "--idle", "0", chrt, "--other", "0", "true"],
-            capture_output=True,
-            text=True,
-            timeout=PROBE_TIMEOUT_S,
-            check=False,
-        )
+    probe = spawn.run(
+        [chrt, "--idle", "0", chrt, "--other", "0", "true"],
+        capture_output=True,
+        text=True,
+        timeout=PROBE_TIMEOUT_S,
+        check=False,
+    )
     if probe.returncode != 0:
         log.info("spare service VMs start at normal priority: %s", probe.stderr.strip())
         return ()
