@@ -24,7 +24,7 @@ from lcow.ext4.writer import DEFAULT_MAX_SIZE_BYTES
 from lcow.layer.export import export_tar
 from lcow.layer.tar2ext4 import atomic_output, convert_tar
 from lcow.layer.tarstream import SOURCE_BUFFER_BYTES
-from lcow.options import NO_SPARES_OPTION, parse_size
+from lcow.options import command_options, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,10 @@ class CliContext:
         """Open the store once per command (Init), with the root and storage options.
 
         Without ``spares``, the store starts no spare service VMs: most commands are one
-        operation, which no spare serves. The user's own lcow.prestart comes later and wins.
+        operation, which no spare serves. The user's own lcow.prestart wins.
         """
         if self._driver is None:
-            options = [*([] if spares else [NO_SPARES_OPTION]), *self.storage_opts]
+            options = command_options(self.storage_opts, spares=spares)
             try:
                 self._driver = Driver(self.root, options)
             except (LcowError, OSError) as err:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from lcow.driver import Driver
 from lcow.errors import LcowError
 from lcow.image import ImageRecord, ImportResult, import_image, list_images, remove_image
-from lcow.options import NO_SPARES_OPTION
+from lcow.options import command_options
 
 Result = TypeVar("Result")
 
@@ -43,7 +43,7 @@ def _driver(ctx: click.Context, *, spares: bool = False) -> Driver:
     if isinstance(cached, Driver):
         return cached
     params = ctx.find_root().params
-    options = [*([] if spares else [NO_SPARES_OPTION]), *(params.get("storage_opts") or ())]
+    options = command_options(params.get("storage_opts") or (), spares=spares)
     try:
         driver = Driver(params.get("root"), options)
     except (LcowError, OSError) as err:

@@ -6,8 +6,6 @@ from typing import Final
 
 from lcow.errors import InvalidArgumentError
 
-# Prepended to a command's options where no spare service VM would serve an operation.
-NO_SPARES_OPTION: Final = "lcow.prestart=false"
 BACKENDS: Final = ("process", "qemu")
 ACCELERATORS: Final = ("auto", "kvm", "tcg")
 MIN_VM_MEMORY_MIB: Final = 256  # the initrd unpacks to about 75 MiB, Python needs the rest
@@ -31,6 +29,14 @@ OPTION_HELP: Final = {
     "lcow.prestart": "true or false (default true): in safe mode with the process backend, "
     "keep two service VMs started ahead for the next operations",
 }
+
+
+def command_options(storage_opts: Iterable[str], *, spares: bool) -> list[str]:
+    """Return the storage options of an ``lcow`` command; without ``spares``, prestart off.
+
+    lcow.prestart=false goes first, so the user's own lcow.prestart comes later and wins.
+    """
+    return [*([] if spares else ["lcow.prestart=false"]), *storage_opts]
 
 
 def parse_size(value: str) -> int:
