@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.spares import ready_spares
 from lcow.driver import Driver
 from lcow.layer.tar2ext4 import convert_tar
 
 KIB = 1024
-SPARE_READY_TIMEOUT_S = 60.0
 PRESTART_HELP = "Time the call with the spare service VM started, as a running driver has it."
 
 
@@ -44,9 +44,7 @@ def _open_driver(arguments: argparse.Namespace) -> Driver:
     """
     driver = Driver(arguments.root, [])
     if arguments.prestart:
-        driver.service_vms.start_spares()
-        if not driver.service_vms.wait_for_spares(SPARE_READY_TIMEOUT_S):
-            raise RuntimeError("the spare service VMs did not start")
+        ready_spares(driver.service_vms)
     return driver
 
 

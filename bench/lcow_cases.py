@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any, Final
 
 from bench.inputs import Layer
+from bench.spares import ready_spares
 from bench.timing import Case, Sample, run_command, stop_process_group
 from lcow.driver import Driver
 from lcow.servicevm.manager import ServiceVMManager
 
 REPOSITORY: Final = Path(__file__).resolve().parent.parent
 LCOW_COMMAND: Final = Path(sys.executable).parent / "lcow"
-SPARE_READY_TIMEOUT_S: Final = 60.0
 APPLY_DIFF: Final = "ApplyDiff"
 APPLY_DIFF_COLD: Final = "ApplyDiff, cold start"
 DIFF: Final = "Diff"
@@ -187,9 +187,7 @@ def service_vm_start(manager: ServiceVMManager, name: str) -> Case:
     def run(scratch: Path) -> Sample:
         del scratch
         if manager.prestart:
-            manager.start_spares()
-            if not manager.wait_for_spares(SPARE_READY_TIMEOUT_S):
-                raise RuntimeError("the spare service VMs did not start")
+            ready_spares(manager)
         started = time.perf_counter()
         with manager.acquire(f"start-{next(_layer_numbers)}"):
             pass
@@ -205,21 +203,16 @@ def changes(driver: Driver, layer_id: str, parent: str) -> list[Case]:
     short, so back to back they would wait for the spare that the call before started.
     """
 
-    def spares_ready() -> None:
-        driver.service_vms.start_spares()
-        if not driver.service_vms.wait_for_spares(SPARE_READY_TIMEOUT_S):
-            raise RuntimeError("the spare service VMs did not start")
-
     def run_changes(scratch: Path) -> Sample:
         del scratch
-        spares_ready()
+        ready_spares(driver.service_vms)
         started = time.perf_counter()
         listed = driver.changes(layer_id, parent)
         return Sample(time.perf_counter() - started, detail={"changes": len(listed)})
 
     def run_diff_size(scratch: Path) -> Sample:
         del scratch
-        spares_ready()
+        ready_spares(driver.service_vms)
         started = time.perf_counter()
         size = driver.diff_size(layer_id, parent)
         return Sample(time.perf_counter() - started, detail={"size_bytes": size})

@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(share(arguments.share, folder))
                 else:
                     print(floor(arguments.floor, folder, shell_route=not arguments.no_shell_route))
-            except (OSError, ValueError, subprocess.CalledProcessError) as err:
+            except (OSError, RuntimeError, ValueError, subprocess.CalledProcessError) as err:
                 return _cannot_run(str(err))
             return 0
 

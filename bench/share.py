@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any, Final
 
 from bench.profile import resolve
+from bench.spares import ready_spares
 from lcow.driver import Driver
 from lcow.layer.tar2ext4 import convert_tar
 from lcow.servicevm.base import ServiceVM
 from lcow.servicevm.manager import ServiceVMManager
 
 ROUNDS: Final = 9
-SPARE_READY_TIMEOUT_S: Final = 60.0
 SPARES_READY: Final = "ApplyDiff, spares ready"
 RIGHT_AFTER: Final = "ApplyDiff right after another, a spare starting"
 
@@ -86,14 +86,12 @@ def share(name: str, folder: Path) -> str:
             for number in range(2 * ROUNDS):
                 right_after = number % 2 == 1
                 manager = driver.service_vms
-                manager.start_spares()
-                if not manager.wait_for_spares(SPARE_READY_TIMEOUT_S):
-                    raise OSError("the spare service VMs did not start")
+                ready_spares(manager)
                 layer_ids = [f"share-{number}-{call}" for call in range(1 + right_after)]
                 for layer_id in layer_ids:
                     driver.create(layer_id)
                 for layer_id in layer_ids:
-                    # Only the last call is timed; with right_after, the first one's end
+                    # Only the last call is timed. With right_after, the first call's end
                     # leaves a spare starting.
                     with layer.open("rb") as diff:
                         started = time.perf_counter()
@@ -104,8 +102,7 @@ def share(name: str, folder: Path) -> str:
                     driver.remove(layer_id)
                 if not right_after:
                     # The call's end started a spare, which would slow convert_tar too.
-                    if not manager.wait_for_spares(SPARE_READY_TIMEOUT_S):
-                        raise OSError("the spare service VMs did not start")
+                    ready_spares(manager)
                     # Replacing the last round's image would time the freeing of its pages.
                     (folder / "share.vhd").unlink(missing_ok=True)
                     started = time.perf_counter()
