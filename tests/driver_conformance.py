@@ -165,6 +165,14 @@ def removing_folders(root: Path) -> list[str]:
     return sorted(entry.name for entry in root.iterdir() if entry.name.endswith(REMOVING_SUFFIX))
 
 
+def _spare_file(name: str) -> bool:
+    """Tell whether a file in ``scratch/`` belongs to a spare service VM.
+
+    A spare that is starting may still be copying its disk, under a name starting with '.'.
+    """
+    return name.lstrip(".").startswith(SPARE_NAME)
+
+
 def scratch_disks(root: Path, *, spare: bool = False) -> list[str]:
     """List the files in ``scratch/``, where each running service VM keeps its scratch disk.
 
@@ -172,14 +180,13 @@ def scratch_disks(root: Path, *, spare: bool = False) -> list[str]:
     """
     scratch = root / "scratch"
     names = sorted(entry.name for entry in scratch.iterdir()) if scratch.is_dir() else []
-    # A spare that is starting may still be copying its disk, under a name starting with '.'.
-    return [name for name in names if spare or not name.lstrip(".").startswith(SPARE_NAME)]
+    return [name for name in names if spare or not _spare_file(name)]
 
 
 def temporary_files(root: Path) -> list[str]:
     """List the files that a write in progress uses: names starting with '.' and ending in .tmp.
 
-    A spare service VM that is starting may be copying its scratch disk; that copy belongs
+    A spare service VM that is starting may be copying its scratch disk. That copy belongs
     to no operation and is left out.
     """
     return sorted(
@@ -187,7 +194,7 @@ def temporary_files(root: Path) -> list[str]:
         for path in root.rglob("*")
         if path.name.startswith(".")
         and path.name.endswith(TEMPORARY_SUFFIX)
-        and not path.name.startswith("." + SPARE_NAME)
+        and not _spare_file(path.name)
     )
 
 

@@ -194,7 +194,7 @@ def test_safe_mode_worker_per_operation(root: Path, prestart: str) -> None:
             if prestart == "true" and workers:
                 assert len(pids) == SPARE_COUNT, name
             if started and spares_before:
-                # The operation took the oldest spare; a new one started after it.
+                # The operation took the oldest spare, and a new one started after it.
                 spares = driver.service_vms.spares
                 assert spares_before[0] not in spares, name
                 assert spares[0] is spares_before[1], name
