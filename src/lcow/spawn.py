@@ -7,8 +7,9 @@ attempt to take it in that moment, such as Get right after ApplyDiff, fails as i
 operation still held the layer. So every child process that the driver's process starts
 (service VM workers, which start while other operations run, and the short commands such
 as mount and fsfreeze) starts under ``SPAWN_LOCK``, and the store's non-blocking lock
-attempts take it too. A worker's start keeps it until the worker has exec'd, a short
-command until it ends. Another process that forks can still hold a copy for a moment.
+attempts, VHDX opens included, take it too. A worker's start keeps it until the worker has
+exec'd, a short command until it ends. Another process that forks can still hold a copy for
+a moment.
 
 NOTE: the qemu backend's accelerator probe, which boots a VM once per process and can take
 seconds, runs without it.
@@ -40,12 +41,24 @@ def try_lock_file(path: Path, operation: int) -> int | None:
     """
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        with SPAWN_LOCK:
-            fcntl.flock(fd, operation | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
+        locked = try_flock(fd, operation)
     except BaseException:
         os.close(fd)
         raise
+    if not locked:
+        os.close(fd)
+        return None
     return fd
+
+
+def try_flock(fd: int, operation: int) -> bool:
+    """Take ``operation`` (LOCK_SH or LOCK_EX) on ``fd``; False when another file holds it.
+
+    Like :func:`try_lock_file`, it waits only for a child process that is being started.
+    """
+    try:
+        with SPAWN_LOCK:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True

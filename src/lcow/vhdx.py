@@ -49,6 +49,7 @@ from typing import Final, Self
 
 import crc32c
 
+from lcow import spawn
 from lcow.errors import (
     AlreadyExistsError,
     CorruptInputError,
@@ -1032,15 +1033,15 @@ class VhdxFile:
         self._headers_updated = False
 
     def _lock(self, fd: int) -> None:
+        # Through spawn: a worker forked while this process had the file open for writing
+        # would otherwise keep that lock a moment after the writer closed it.
         operation = fcntl.LOCK_EX if self._writable else fcntl.LOCK_SH
-        try:
-            fcntl.flock(fd, operation | fcntl.LOCK_NB)
-        except BlockingIOError as error:
+        if not spawn.try_flock(fd, operation):
             holder = "has it open" if self._writable else "has it open for writing"
             raise FailedPreconditionError(
                 f"failed to open VHDX {self._path}: another VhdxFile, in this or another "
                 f"process, {holder}; close that one first"
-            ) from error
+            )
 
     def _load(self, fd: int) -> None:
         self._file_size = os.fstat(fd).st_size
