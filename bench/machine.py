@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import lcow
+from lcow import compiled
 
 
 def _first_line(command: list[str]) -> str:
@@ -47,6 +48,12 @@ def compile_lcow() -> str:
     from source as it starts, a cost that an installed lcow does not have.
     """
     package = Path(lcow.__file__).parent
+    stale = compiled.stale_modules()
+    if stale:
+        raise OSError(
+            f"lcow's compiled modules {', '.join(stale)} are older than their sources in "
+            f"{package}: rebuild them with `pip install -e .`, or the run measures old code"
+        )
     if not compileall.compile_dir(package, quiet=1):
         raise OSError(
             f"failed to write bytecode for lcow in {package}: make that folder writable, "
@@ -70,6 +77,7 @@ def describe(output_folder: Path, input_folders: list[Path], bytecode: str) -> d
         "python": sys.version.split()[0] + f" ({sys.executable})",
         "lcow": lcow.__version__,
         "lcow bytecode": bytecode,
+        "lcow build": compiled.describe(),
         "gnu tar": _first_line(["tar", "--version"]),
         "mke2fs": _first_line(["mke2fs", "-V"]),
         "output folder": f"{output_folder}: {_mount_of(output_folder)}",

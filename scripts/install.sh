@@ -23,7 +23,8 @@ bin=${LCOW_BIN:-/usr/local/bin}
 export DEBIAN_FRONTEND=noninteractive
 apt-get -o DPkg::Lock::Timeout=600 -q update
 apt-get -o DPkg::Lock::Timeout=600 -q install -y --no-install-recommends \
-  e2fsprogs libarchive13 libseccomp2 util-linux qemu-utils python3-venv
+  e2fsprogs libarchive13 libseccomp2 util-linux qemu-utils python3-venv \
+  gcc libc6-dev python3-dev
 
 python3 -m venv "$venv"
 "$venv/bin/pip" install --quiet --disable-pip-version-check "$repo"

@@ -129,7 +129,9 @@ def _stat_layout() -> struct.Struct | None:
     return struct.Struct("<24xI12xQq16xqqqqqq")
 
 
-_STAT: Final = _stat_layout()
+# Not Final: compiled code then reads it from the module at each use, so a test can set it
+# to None and run the per-field reads on this machine too.
+_STAT: struct.Struct | None = _stat_layout()
 
 
 @dataclass(slots=True)
@@ -255,7 +257,7 @@ class ReadAhead:
         self._held_index: int | None = None
         self._failure: BaseException | None = None
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="lcow-read-ahead", daemon=True)
+        self._read_thread = threading.Thread(target=self._run, name="lcow-read-ahead", daemon=True)
         self._started = False
         self.bytes_read = 0
         self.at_eof = False
@@ -280,7 +282,7 @@ class ReadAhead:
         """Return the next chunk of tar bytes, empty at the end of the stream."""
         if not self._started:
             self._started = True
-            self._thread.start()
+            self._read_thread.start()
         if self._held_index is not None:
             self._free.put(self._held_index)
             self._held_index = None
@@ -318,8 +320,8 @@ class ReadAhead:
         self._stopping = True
         self._free.put(-1)
         if self._started:
-            self._thread.join(READ_AHEAD_JOIN_S)
-            if self._thread.is_alive():
+            self._read_thread.join(READ_AHEAD_JOIN_S)
+            if self._read_thread.is_alive():
                 log.info("the layer stream still blocks; its read-ahead thread ends with it")
 
 
@@ -357,7 +359,7 @@ class TarReader:
         if _lib.archive_read_open(self._archive, None, None, self._callback, None) != ARCHIVE_OK:
             self._raise("open the tar stream")
 
-    def _read(self, _archive: int, _context: int, pointer: Any) -> int:
+    def _read(self, _archive: Any, _context: Any, pointer: Any) -> int:
         # libarchive calls this for more input; exceptions cannot cross the C frames, so
         # they are kept and raised again after libarchive returns.
         try:
@@ -434,10 +436,11 @@ class TarReader:
     def _decode(self, entry: int | None) -> TarEntry:
         lib = _lib
         hardlink = lib.archive_entry_hardlink(entry)
-        if _STAT is not None:
+        layout = _STAT
+        if layout is not None:
             # One call fills mode, device, size and times; each field alone costs a call.
             (mode, rdev, size, atime_s, atime_ns, mtime_s, mtime_ns, ctime_s, ctime_ns) = (
-                _STAT.unpack(ctypes.string_at(lib.archive_entry_stat(entry), _STAT.size))
+                layout.unpack(ctypes.string_at(lib.archive_entry_stat(entry), layout.size))
             )
             rdev_major, rdev_minor = os.major(rdev), os.minor(rdev)
         else:

@@ -1,0 +1,46 @@
+"""The mypyc build: the tests run the compiled modules, and stale extensions are found."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from lcow import compiled
+from oracle import skip_or_fail
+
+
+def test_tests_run_compiled_modules() -> None:
+    """The suite checks the code that an installed lcow runs, which is the compiled one."""
+    if os.environ.get("LCOW_MYPYC") == "0":
+        pytest.skip("lcow was built as pure Python (LCOW_MYPYC=0)")
+    built = compiled.compiled_modules()
+    if not built:
+        skip_or_fail("lcow was built without mypyc; `pip install -e .` compiles it")
+    assert built == list(compiled.COMPILED_MODULES)
+    assert compiled.stale_modules() == []
+    assert compiled.describe() == f"compiled by mypyc ({len(built)} modules)"
+
+
+def test_stale_extension_is_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A source edited after the build makes its extension stale; an older one does not."""
+    folder = tmp_path / "ext4"
+    folder.mkdir()
+    extension = folder / "writer.cpython-311-x86_64-linux-gnu.so"
+    extension.write_bytes(b"")
+    source = folder / "writer.py"
+    source.write_text("")
+    os.utime(extension, (1_000_000, 1_000_000))
+    os.utime(source, (2_000_000, 2_000_000))
+
+    def origin(name: str) -> Path:
+        return extension if name == "lcow.ext4.writer" else Path(f"/{name}.py")
+
+    monkeypatch.setattr(compiled, "_origin", origin)
+    assert compiled.compiled_modules() == ["lcow.ext4.writer"]
+    assert compiled.stale_modules() == ["lcow.ext4.writer"]
+    assert compiled.describe() == "partly compiled by mypyc: lcow.ext4.writer"
+
+    os.utime(source, (500_000, 500_000))
+    assert compiled.stale_modules() == []
