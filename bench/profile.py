@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Final
 
 from bench import inputs
+from lcow import compiled
 from lcow.layer.export import export_tar, open_image
 from lcow.layer.tar2ext4 import convert_tar
 
@@ -33,7 +34,7 @@ def resolve(name: str) -> Path:
     return path
 
 
-def _warm(path: Path) -> None:
+def warm(path: Path) -> None:
     # Read the input once so that the profile does not time the disk.
     with path.open("rb") as source:
         while source.read(1 << 20):
@@ -49,7 +50,7 @@ def profile(spec: str, folder: Path) -> str:
             f"invalid profile {spec!r}: use {' or '.join(MEASUREMENTS)}, a colon and an input"
         )
     layer = resolve(name)
-    _warm(layer)
+    warm(layer)
     image = folder / "profile.vhd"
     profiler = cProfile.Profile()
     if measurement == "convert_tar":
@@ -73,4 +74,10 @@ def profile(spec: str, folder: Path) -> str:
         f"{measurement} of {layer.name}: {seconds:.2f} s under cProfile "
         f"(top {TOP_ENTRIES} by internal time)\n"
     )
+    if compiled.compiled_modules():
+        # Calls between compiled functions never reach the profiler.
+        header += (
+            "lcow runs compiled by mypyc here, so its own functions hardly appear: use --perf, "
+            "or profile a pure-Python build (LCOW_MYPYC=0 pip install -e .)\n"
+        )
     return header + text.getvalue()

@@ -20,6 +20,7 @@ from typing import Any, Final
 from bench import groups, inputs, machine, report
 from bench.floor import floor
 from bench.output import output_folder
+from bench.perf import perf
 from bench.profile import profile
 from bench.report import GroupResult
 from bench.share import share
@@ -63,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="Profile one lcow measurement instead: [convert_tar|export:]INPUT, for example "
         "L3-node-modules.tar; prints the top 20 entries of cProfile.",
+    )
+    parser.add_argument(
+        "--perf",
+        metavar="NAME",
+        help="Sample one lcow measurement with Linux perf instead, [convert_tar|export:]INPUT; "
+        "prints the share of each library and the top 30 functions, compiled ones included.",
     )
     parser.add_argument(
         "--floor",
@@ -147,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             print(group.group_id)
         return 0
     selected = _select(plan, arguments.only)
-    if arguments.profile or arguments.floor or arguments.share:
+    alone = arguments.profile or arguments.perf or arguments.floor or arguments.share
+    if alone:
         selected = []
     else:
         problem = _check(arguments, selected)
@@ -162,10 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
     with output_folder(arguments.output_dir) as folder:
-        if arguments.profile or arguments.floor or arguments.share:
+        if alone:
             try:
                 if arguments.profile:
                     print(profile(arguments.profile, folder))
+                elif arguments.perf:
+                    print(perf(arguments.perf, folder))
                 elif arguments.share:
                     print(share(arguments.share, folder))
                 else:
