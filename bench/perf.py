@@ -47,8 +47,12 @@ def _report(data: Path, sort: str, top: int) -> str:
         text=True,
         check=True,
     )
-    lines = [line.rstrip() for line in completed.stdout.splitlines()]
-    rows = [line for line in lines if line.strip() and not line.startswith("#")]
+    # The rows are sorted by share; the padding and the empty columns after the symbol go.
+    rows = [
+        "  ".join(line.split()).removesuffix("  -  -")
+        for line in completed.stdout.splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     return "\n".join(rows[:top])
 
 

@@ -1,8 +1,8 @@
 """The modules that lcow's build compiles with mypyc, and checks on the compiled forms.
 
 setup.py compiles :data:`COMPILED_MODULES`: they run once per tar entry or inode, and
-compiled they convert layers 1.1 to 1.3 times and export them 1.2 to 1.4 times faster on
-the corpus (docs/benchmarks.md). In an editable
+compiled they convert layers 1.1 to 1.4 times and export them 1.1 to 1.4 times faster
+(docs/benchmarks.md). In an editable
 install the extensions sit beside their sources and Python imports them first, so a
 source edited after the build has no effect until the next build; :func:`stale_modules`
 finds such modules.
@@ -44,7 +44,7 @@ def compiled_modules() -> list[str]:
 def stale_modules() -> list[str]:
     """Return the compiled modules whose source beside them is newer than the extension.
 
-    Only an editable install has sources beside its extensions that a person edits; pip
+    Only an editable install has sources beside its extensions that a person edits. pip
     writes an installed package's files in no set order, so there the result is meaningless.
     """
     stale = []
