@@ -3,7 +3,8 @@
 Converting and exporting a layer spends nearly all of its time in a loop over the entries,
 in the interpreter's per-call and attribute costs. mypyc compiles these modules, as they
 are, from their type annotations to C extensions. The Python sources stay the only source
-and are installed beside the extensions. ``LCOW_MYPYC=0`` builds lcow as pure Python.
+and are installed beside the extensions. ``LCOW_MYPYC=0`` builds lcow as pure Python. In
+an editable install, extensions built earlier stay in ``src`` until they are deleted.
 """
 
 import os
@@ -12,7 +13,7 @@ import runpy
 from mypyc.build import mypycify
 from setuptools import setup
 
-# The list lives in the package, which its checks import; setup.py runs before lcow is
+# The list lives in the package, whose checks import it. setup.py runs before lcow is
 # importable, so it reads the file.
 COMPILED_MODULES = runpy.run_path("src/lcow/compiled.py")["COMPILED_MODULES"]
 

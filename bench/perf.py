@@ -5,7 +5,8 @@ another compiled function never passes through the interpreter, so ``--profile``
 all of a conversion to convert_tar. perf samples the process at the machine level instead: the
 compiled functions (``CPyDef_...`` in ``lcow/native__mypyc``), CPython's own functions,
 libarchive, ctypes and the kernel. The measurement runs in a child process, alone under
-``perf record``; for ``export`` the image is made beforehand, outside the samples.
+``perf record``. For ``export`` the image is made beforehand, outside the samples. The
+samples include the child's start and imports, which the printed time leaves out.
 """
 
 import shutil
@@ -47,7 +48,7 @@ def _report(data: Path, sort: str, top: int) -> str:
         text=True,
         check=True,
     )
-    # The rows are sorted by share; the padding and the empty columns after the symbol go.
+    # The rows come sorted by share. The padding and the empty columns after the symbol go.
     rows = [
         "  ".join(line.split()).removesuffix("  -  -")
         for line in completed.stdout.splitlines()
@@ -57,9 +58,9 @@ def _report(data: Path, sort: str, top: int) -> str:
 
 
 def perf(spec: str, folder: Path) -> str:
-    """Sample the measurement ``spec`` with perf; return the report to print."""
+    """Sample the measurement ``spec`` with perf and return the report to print."""
     if shutil.which("perf") is None:
-        raise OSError("perf is not installed; install Debian's linux-perf")
+        raise OSError("perf not found on PATH: install Debian's linux-perf")
     measurement, _, name = spec.rpartition(":")
     measurement = measurement or "convert_tar"
     if measurement not in MEASUREMENTS:
@@ -83,12 +84,20 @@ def perf(spec: str, folder: Path) -> str:
         ],
         capture_output=True,
         text=True,
-        check=True,
+        check=False,
     )
+    if completed.returncode != 0:
+        # perf's own message, such as a kernel.perf_event_paranoid refusal, or the child's
+        # traceback.
+        raise OSError(
+            f"perf record of {measurement} failed with exit status {completed.returncode}: "
+            f"{completed.stderr.strip()[-2000:]}"
+        )
     seconds = completed.stdout.strip().splitlines()[-1]
     return (
         f"{measurement} of {layer.name}: {seconds} s under perf record "
-        f"({SAMPLES_PER_SECOND} samples per second, all threads)\n\n"
+        f"({SAMPLES_PER_SECOND} samples per second, all threads, the child's start "
+        "included)\n\n"
         f"share of samples by library:\n{_report(data, 'dso', TOP_LIBRARIES)}\n\n"
         f"top {TOP_SYMBOLS} functions:\n{_report(data, 'dso,symbol', TOP_SYMBOLS)}\n"
     )

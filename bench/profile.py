@@ -78,6 +78,7 @@ def profile(spec: str, folder: Path) -> str:
         # Calls between compiled functions never reach the profiler.
         header += (
             "lcow runs compiled by mypyc here, so its own functions hardly appear: use --perf, "
-            "or profile a pure-Python build (LCOW_MYPYC=0 pip install -e .)\n"
+            "or profile a pure-Python build (delete src/lcow's *.so files, then run "
+            "LCOW_MYPYC=0 pip install -e .)\n"
         )
     return header + text.getvalue()

@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--perf",
-        metavar="NAME",
+        metavar="INPUT",
         help="Sample one lcow measurement with Linux perf instead, [convert_tar|export:]INPUT; "
         "prints the share of each library and the top 30 functions, compiled ones included.",
     )

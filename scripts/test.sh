@@ -13,7 +13,13 @@ bin=.venv/bin
 
 # An editable install keeps mypyc's extensions beside their sources, and Python imports the
 # extensions first: rebuild them when a source is newer, so the tests run the code as edited.
-if [ -n "$("$bin/python" -c 'from lcow import compiled; print(*compiled.stale_modules())')" ]; then
+stale=$("$bin/python" -c 'from lcow import compiled; print(*compiled.stale_modules())')
+if [ -n "$stale" ]; then
+  if [ "${LCOW_MYPYC:-1}" = 0 ]; then
+    echo "scripts/test.sh: the extensions of $stale are older than their sources and" \
+      "LCOW_MYPYC=0 builds none; delete them: find src/lcow -name '*.so' -delete" >&2
+    exit 1
+  fi
   echo "scripts/test.sh: rebuilding lcow's compiled modules, whose sources changed" >&2
   "$bin/pip" install --quiet --disable-pip-version-check --no-deps -e .
 fi

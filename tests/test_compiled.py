@@ -38,9 +38,23 @@ def test_stale_extension_is_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         return extension if name == "lcow.ext4.writer" else Path(f"/{name}.py")
 
     monkeypatch.setattr(compiled, "_origin", origin)
+    monkeypatch.setattr(compiled, "editable", lambda: True)
     assert compiled.compiled_modules() == ["lcow.ext4.writer"]
     assert compiled.stale_modules() == ["lcow.ext4.writer"]
     assert compiled.describe() == "partly compiled by mypyc: lcow.ext4.writer"
 
     os.utime(source, (500_000, 500_000))
+    assert compiled.stale_modules() == []
+
+
+def test_installed_package_is_never_stale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside an editable install, file times say nothing about edits."""
+    extension = tmp_path / "writer.cpython-311-x86_64-linux-gnu.so"
+    extension.write_bytes(b"")
+    source = tmp_path / "writer.py"
+    source.write_text("")
+    os.utime(extension, (1_000_000, 1_000_000))
+
+    monkeypatch.setattr(compiled, "_origin", lambda name: extension)
+    monkeypatch.setattr(compiled, "editable", lambda: False)
     assert compiled.stale_modules() == []

@@ -19,8 +19,8 @@ LARGE_LAYER_ENTRIES = 20_000
 def held_before_close(tmp_path: Path, entries: int) -> int:
     """Add ``entries`` empty files to a writer; return the bytes it holds before its close.
 
-    The writer is driven directly, not through convert_tar, because close() is where the
-    held memory peaks and the compiled writer cannot be wrapped from a test.
+    The writer is driven directly, not through convert_tar: the test reads what the writer
+    holds just before close(), and a compiled writer's close() cannot be wrapped from a test.
     """
     meta = Metadata(0o644, 0, 0, 1_700_000_000 * 10**9, 0, 0, 0)
     with (tmp_path / f"many-{entries}.ext4").open("wb") as output:

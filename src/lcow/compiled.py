@@ -1,14 +1,14 @@
 """The modules that lcow's build compiles with mypyc, and checks on the compiled forms.
 
-setup.py compiles :data:`COMPILED_MODULES`: they run once per tar entry or inode, and
-compiled they convert layers 1.1 to 1.4 times and export them 1.1 to 1.4 times faster
-(docs/benchmarks.md). In an editable
-install the extensions sit beside their sources and Python imports them first, so a
-source edited after the build has no effect until the next build; :func:`stale_modules`
-finds such modules.
+setup.py compiles :data:`COMPILED_MODULES` because they run once per tar entry or inode
+(docs/benchmarks.md measures the gain). In an editable install the extensions sit beside
+their sources and Python imports them first. So a source edited after the build has no
+effect until the next build, and :func:`stale_modules` finds such modules.
 """
 
+import importlib.metadata
 import importlib.util
+import json
 from pathlib import Path
 from typing import Final
 
@@ -41,12 +41,25 @@ def compiled_modules() -> list[str]:
     return [name for name in COMPILED_MODULES if _origin(name).suffix == EXTENSION_SUFFIX]
 
 
+def editable() -> bool:
+    """Return whether lcow is an editable install, as pip records it in direct_url.json."""
+    try:
+        recorded = importlib.metadata.distribution("lcow").read_text("direct_url.json")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    if not recorded:
+        return False
+    return bool(json.loads(recorded).get("dir_info", {}).get("editable", False))
+
+
 def stale_modules() -> list[str]:
     """Return the compiled modules whose source beside them is newer than the extension.
 
-    Only an editable install has sources beside its extensions that a person edits. pip
-    writes an installed package's files in no set order, so there the result is meaningless.
+    Only an editable install is checked. pip writes an installed package's files in no set
+    order, so there a source may be newer than its extension without being edited.
     """
+    if not editable():
+        return []
     stale = []
     for name in compiled_modules():
         extension = _origin(name)
@@ -57,10 +70,10 @@ def stale_modules() -> list[str]:
 
 
 def describe() -> str:
-    """Say how lcow runs here: compiled by mypyc, partly, or as pure Python."""
+    """Return how lcow runs here: compiled by mypyc, partly, or as pure Python."""
     compiled = compiled_modules()
     if len(compiled) == len(COMPILED_MODULES):
         return f"compiled by mypyc ({len(compiled)} modules)"
     if compiled:
         return f"partly compiled by mypyc: {', '.join(compiled)}"
-    return "pure Python (built with LCOW_MYPYC=0, or mypyc failed)"
+    return "pure Python (built with LCOW_MYPYC=0)"

@@ -231,6 +231,9 @@ class QemuServiceVM(ServiceVM):
             "the utility VM in %s carries another lcow; booting it with this one laid over",
             self.config.initrd.parent,
         )
+        # NOTE: a cpio archive can add and replace files but not remove them. An extension
+        # module that the base initrd's lcow has and this lcow lacks (a build with
+        # LCOW_MYPYC=0, say) stays in the guest and shadows its source: rebuild the VM then.
         combined = folder / "initrd.img"
         with combined.open("wb") as output:
             with self.config.initrd.open("rb") as base:
