@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Final
 
-from bench.profile import MEASUREMENTS, resolve, warm
+from bench.profile import parse_spec, resolve, warm
 from lcow.layer.tar2ext4 import convert_tar
 
 SAMPLES_PER_SECOND: Final = 999
@@ -61,14 +61,7 @@ def perf(spec: str, folder: Path) -> str:
     """Sample the measurement ``spec`` with perf and return the report to print."""
     if shutil.which("perf") is None:
         raise OSError("perf not found on PATH: install Debian's linux-perf")
-    measurement, _, name = spec.rpartition(":")
-    measurement = measurement or "convert_tar"
-    if measurement not in MEASUREMENTS:
-        raise ValueError(
-            f"invalid perf measurement {spec!r}: use {' or '.join(MEASUREMENTS)}, a colon and "
-            "an input"
-        )
-
+    measurement, name = parse_spec(spec)
     layer = resolve(name)
     warm(layer)
     image = folder / "perf.vhd"

@@ -41,14 +41,20 @@ def warm(path: Path) -> None:
             pass
 
 
-def profile(spec: str, folder: Path) -> str:
-    """Run the measurement ``spec`` once under cProfile; return the report to print."""
+def parse_spec(spec: str) -> tuple[str, str]:
+    """Split ``[MEASUREMENT:]INPUT`` into the measurement (convert_tar by default) and input."""
     measurement, _, name = spec.rpartition(":")
     measurement = measurement or "convert_tar"
     if measurement not in MEASUREMENTS:
         raise ValueError(
-            f"invalid profile {spec!r}: use {' or '.join(MEASUREMENTS)}, a colon and an input"
+            f"invalid measurement {spec!r}: use {' or '.join(MEASUREMENTS)}, a colon and an input"
         )
+    return measurement, name
+
+
+def profile(spec: str, folder: Path) -> str:
+    """Run the measurement ``spec`` once under cProfile and return the report to print."""
+    measurement, name = parse_spec(spec)
     layer = resolve(name)
     warm(layer)
     image = folder / "profile.vhd"

@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--perf",
         metavar="INPUT",
-        help="Sample one lcow measurement with Linux perf instead, [convert_tar|export:]INPUT; "
+        help="Sample one lcow measurement with Linux perf instead, [convert_tar|export:]INPUT. It "
         "prints the share of each library and the top 30 functions, compiled ones included.",
     )
     parser.add_argument(
@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             print(group.group_id)
         return 0
     selected = _select(plan, arguments.only)
-    alone = arguments.profile or arguments.perf or arguments.floor or arguments.share
-    if alone:
+    replaces_suite = arguments.profile or arguments.perf or arguments.floor or arguments.share
+    if replaces_suite:
         selected = []
     else:
         problem = _check(arguments, selected)
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
     with output_folder(arguments.output_dir) as folder:
-        if alone:
+        if replaces_suite:
             try:
                 if arguments.profile:
                     print(profile(arguments.profile, folder))

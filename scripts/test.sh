@@ -17,7 +17,7 @@ stale=$("$bin/python" -c 'from lcow import compiled; print(*compiled.stale_modul
 if [ -n "$stale" ]; then
   if [ "${LCOW_MYPYC:-1}" = 0 ]; then
     echo "scripts/test.sh: the extensions of $stale are older than their sources and" \
-      "LCOW_MYPYC=0 builds none; delete them: find src/lcow -name '*.so' -delete" >&2
+      "LCOW_MYPYC=0 builds none. Delete them: find src/lcow -name '*.so' -delete" >&2
     exit 1
   fi
   echo "scripts/test.sh: rebuilding lcow's compiled modules, whose sources changed" >&2

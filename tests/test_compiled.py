@@ -48,7 +48,7 @@ def test_stale_extension_is_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 
 def test_installed_package_is_never_stale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Outside an editable install, file times say nothing about edits."""
+    """Outside an editable install, a newer source does not mean an edited one."""
     extension = tmp_path / "writer.cpython-311-x86_64-linux-gnu.so"
     extension.write_bytes(b"")
     source = tmp_path / "writer.py"

@@ -16,8 +16,8 @@ SMALL_LAYER_ENTRIES = 10_000
 LARGE_LAYER_ENTRIES = 20_000
 
 
-def held_before_close(tmp_path: Path, entries: int) -> int:
-    """Add ``entries`` empty files to a writer; return the bytes it holds before its close.
+def allocated_before_close(tmp_path: Path, entries: int) -> int:
+    """Add ``entries`` empty files to a writer and return the bytes it keeps before close().
 
     The writer is driven directly, not through convert_tar: the test reads what the writer
     holds just before close(), and a compiled writer's close() cannot be wrapped from a test.
@@ -31,11 +31,11 @@ def held_before_close(tmp_path: Path, entries: int) -> int:
             for index in range(entries):
                 path = [b"pkg%03d" % (index // 500), b"lib", b"file-%06d.js" % index]
                 writer.add_regular_file(path, meta, 0, iter(()))
-            held = tracemalloc.get_traced_memory()[0] - baseline
+            allocated = tracemalloc.get_traced_memory()[0] - baseline
         finally:
             tracemalloc.stop()
         writer.close(bytes(32))
-    return held
+    return allocated
 
 
 def test_memory_per_entry(tmp_path: Path) -> None:
@@ -44,9 +44,9 @@ def test_memory_per_entry(tmp_path: Path) -> None:
     The growth leaves out what every writer allocates whatever its size (the write
     buffers), which dividing one total by its entries would count.
     """
-    held_before_close(tmp_path, 100)  # first-use caches, not counted
-    small = held_before_close(tmp_path, SMALL_LAYER_ENTRIES)
-    large = held_before_close(tmp_path, LARGE_LAYER_ENTRIES)
+    allocated_before_close(tmp_path, 100)  # first-use caches, not counted
+    small = allocated_before_close(tmp_path, SMALL_LAYER_ENTRIES)
+    large = allocated_before_close(tmp_path, LARGE_LAYER_ENTRIES)
 
     per_entry = (large - small) / (LARGE_LAYER_ENTRIES - SMALL_LAYER_ENTRIES)
     assert per_entry > 0, f"{small} bytes held for the small layer, {large} for the large one"

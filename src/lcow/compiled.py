@@ -36,9 +36,15 @@ def _origin(module: str) -> Path:
     return Path(spec.origin)
 
 
+def _extensions() -> dict[str, Path]:
+    """Map each module of :data:`COMPILED_MODULES` that Python imports compiled to its file."""
+    origins = {name: _origin(name) for name in COMPILED_MODULES}
+    return {name: path for name, path in origins.items() if path.suffix == EXTENSION_SUFFIX}
+
+
 def compiled_modules() -> list[str]:
     """Return the modules of :data:`COMPILED_MODULES` that Python imports compiled."""
-    return [name for name in COMPILED_MODULES if _origin(name).suffix == EXTENSION_SUFFIX]
+    return list(_extensions())
 
 
 def editable() -> bool:
@@ -61,8 +67,7 @@ def stale_modules() -> list[str]:
     if not editable():
         return []
     stale = []
-    for name in compiled_modules():
-        extension = _origin(name)
+    for name, extension in _extensions().items():
         source = extension.with_name(name.rsplit(".", 1)[1] + ".py")
         if source.exists() and source.stat().st_mtime > extension.stat().st_mtime:
             stale.append(name)

@@ -52,7 +52,9 @@ def try_lock_file(path: Path, operation: int) -> int | None:
 
 
 def try_flock(fd: int, operation: int) -> bool:
-    """Take ``operation`` (LOCK_SH or LOCK_EX) on ``fd``; False when another file holds it.
+    """Take ``operation`` (LOCK_SH or LOCK_EX) on ``fd``, or return False when it is taken.
+
+    It returns False without waiting when another open file has the lock.
 
     Like :func:`try_lock_file`, it waits only for a child process that is being started.
     """
