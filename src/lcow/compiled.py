@@ -4,6 +4,13 @@ setup.py compiles :data:`COMPILED_MODULES` because they run once per tar entry o
 (docs/benchmarks.md measures the gain). In an editable install the extensions sit beside
 their sources and Python imports them first. So a source edited after the build has no
 effect until the next build, and :func:`stale_modules` finds such modules.
+
+The value classes these modules make once per entry, inode or extent declare their own
+``__init__`` (with ``init=False`` on ``@dataclass``). mypyc compiles a written-out
+``__init__``, while the one the dataclass decorator generates runs as interpreted Python:
+a frozen dataclass of three fields took 947 ns to make, the same class with its own
+``__init__`` 63 ns. Fields that a frozen dataclass would protect are ``Final`` instead, so
+mypy keeps them from being assigned, and such classes define ``__hash__``.
 """
 
 import importlib.metadata

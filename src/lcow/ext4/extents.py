@@ -16,13 +16,22 @@ from lcow.ext4.checksum import crc32c_raw
 _TAIL_OFFSET: Final = fmt.EXTENT_HEADER.size + fmt.BLOCK_EXTENT_SLOTS * fmt.EXTENT.size
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, init=False)
 class Extent:
     """A run of ``length`` blocks: logical block ``logical`` is stored at ``physical``."""
 
-    logical: int
-    physical: int
-    length: int
+    logical: Final[int]
+    physical: Final[int]
+    length: Final[int]
+
+    def __init__(self, logical: int, physical: int, length: int) -> None:
+        # Written out so that mypyc compiles it (lcow.compiled).
+        self.logical = logical
+        self.physical = physical
+        self.length = length
+
+    def __hash__(self) -> int:
+        return hash((self.logical, self.physical, self.length))
 
 
 @dataclass(slots=True)

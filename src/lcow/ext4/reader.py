@@ -17,7 +17,7 @@ import functools
 import os
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final, Protocol
 
 from lcow.errors import CorruptInputError, LcowError, UnsupportedError
@@ -69,7 +69,7 @@ class FileDevice:
         return os.pread(self.fd, length, offset)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class InodeInfo:
     """A decoded inode, with times in ns since the epoch."""
 
@@ -84,9 +84,42 @@ class InodeInfo:
     ctime_ns: int
     crtime_ns: int
     flags: int
-    rdev_major: int = 0
-    rdev_minor: int = 0
-    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    rdev_major: int
+    rdev_minor: int
+    xattrs: dict[bytes, bytes]
+
+    def __init__(
+        self,
+        number: int,
+        mode: int,
+        uid: int,
+        gid: int,
+        size: int,
+        links: int,
+        atime_ns: int,
+        mtime_ns: int,
+        ctime_ns: int,
+        crtime_ns: int,
+        flags: int,
+        rdev_major: int = 0,
+        rdev_minor: int = 0,
+        xattrs: dict[bytes, bytes] | None = None,
+    ) -> None:
+        # Written out so that mypyc compiles it (lcow.compiled).
+        self.number = number
+        self.mode = mode
+        self.uid = uid
+        self.gid = gid
+        self.size = size
+        self.links = links
+        self.atime_ns = atime_ns
+        self.mtime_ns = mtime_ns
+        self.ctime_ns = ctime_ns
+        self.crtime_ns = crtime_ns
+        self.flags = flags
+        self.rdev_major = rdev_major
+        self.rdev_minor = rdev_minor
+        self.xattrs = {} if xattrs is None else xattrs
 
     @property
     def file_type(self) -> int:

@@ -53,18 +53,53 @@ _DEVICE_KINDS: Final = frozenset((fmt.S_IFCHR, fmt.S_IFBLK))
 _EXTENT_KINDS: Final = frozenset((fmt.S_IFREG, fmt.S_IFDIR, fmt.S_IFLNK))  # i_block is a tree
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, init=False)
 class Metadata:
     """The metadata an entry sets on its inode: permission bits, owner, times in ns, xattrs."""
 
-    permissions: int  # the 12 low mode bits, setuid, setgid and sticky included
-    uid: int
-    gid: int
-    mtime_ns: int
-    atime_ns: int
-    ctime_ns: int
-    crtime_ns: int
-    xattrs: tuple[xattr_codec.Xattr, ...] = ()
+    permissions: Final[int]  # the 12 low mode bits, setuid, setgid and sticky included
+    uid: Final[int]
+    gid: Final[int]
+    mtime_ns: Final[int]
+    atime_ns: Final[int]
+    ctime_ns: Final[int]
+    crtime_ns: Final[int]
+    xattrs: Final[tuple[xattr_codec.Xattr, ...]]
+
+    def __init__(
+        self,
+        permissions: int,
+        uid: int,
+        gid: int,
+        mtime_ns: int,
+        atime_ns: int,
+        ctime_ns: int,
+        crtime_ns: int,
+        xattrs: tuple[xattr_codec.Xattr, ...] = (),
+    ) -> None:
+        # Written out so that mypyc compiles it (lcow.compiled).
+        self.permissions = permissions
+        self.uid = uid
+        self.gid = gid
+        self.mtime_ns = mtime_ns
+        self.atime_ns = atime_ns
+        self.ctime_ns = ctime_ns
+        self.crtime_ns = crtime_ns
+        self.xattrs = xattrs
+
+    def __hash__(self) -> int:
+        return hash(
+            (
+                self.permissions,
+                self.uid,
+                self.gid,
+                self.mtime_ns,
+                self.atime_ns,
+                self.ctime_ns,
+                self.crtime_ns,
+                self.xattrs,
+            )
+        )
 
 
 class Inode:

@@ -21,13 +21,22 @@ _BLOCK_HASH_SHIFT: Final = 16
 _ENTRY_TERMINATOR_BYTES: Final = 4  # a zero 32-bit word ends the entry list
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, init=False)
 class Xattr:
     """One attribute, with its name split into the prefix index and the stored suffix."""
 
-    name_index: int
-    name: bytes
-    value: bytes
+    name_index: Final[int]
+    name: Final[bytes]
+    value: Final[bytes]
+
+    def __init__(self, name_index: int, name: bytes, value: bytes) -> None:
+        # Written out so that mypyc compiles it (lcow.compiled).
+        self.name_index = name_index
+        self.name = name
+        self.value = value
+
+    def __hash__(self) -> int:
+        return hash((self.name_index, self.name, self.value))
 
     @property
     def entry_size(self) -> int:

@@ -38,12 +38,20 @@ class ChangeKind(enum.IntEnum):
     DELETE = 2
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, init=False)
 class Change:
     """One changed path, starting with ``/``."""
 
-    path: bytes
-    kind: ChangeKind
+    path: Final[bytes]
+    kind: Final[ChangeKind]
+
+    def __init__(self, path: bytes, kind: ChangeKind) -> None:
+        # Written out so that mypyc compiles it (lcow.compiled).
+        self.path = path
+        self.kind = kind
+
+    def __hash__(self) -> int:
+        return hash((self.path, self.kind))
 
 
 def _is_whiteout(inode: InodeInfo) -> bool:
