@@ -23,6 +23,7 @@ import struct
 from collections.abc import Iterator
 from typing import IO, Final
 
+from lcow import gcpause
 from lcow.errors import CorruptInputError
 from lcow.ext4 import format as fmt
 from lcow.ext4.reader import BlockDevice, Ext4Reader, FileDevice, InodeInfo
@@ -460,6 +461,7 @@ class ExportStats:
     tar_bytes: int
 
 
+@gcpause.paused()
 def export_tar(
     reader: Ext4Reader, output: IO[bytes], *, subdirectory: bytes | None = None
 ) -> ExportStats:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Final
 
-from lcow import vhd
+from lcow import gcpause, vhd
 from lcow.errors import CorruptInputError, InvalidArgumentError, LcowError, UnsupportedError
 from lcow.ext4 import format as fmt
 from lcow.ext4 import xattr as xattr_codec
@@ -257,6 +257,7 @@ def _apply_all(converter: _Converter, reader: TarReader) -> None:
             ) from err
 
 
+@gcpause.paused()
 def convert_stream(
     source: IO[bytes],
     output_fd: int,
