@@ -121,6 +121,22 @@ def _load_libarchive() -> ctypes.CDLL:
 
 _lib: Final = _load_libarchive()
 
+# The functions that run for every entry, looked up once: each use of a CDLL attribute
+# searches the CDLL class and then the instance's dict.
+_read_next_header: Final = _lib.archive_read_next_header
+_read_data_block: Final = _lib.archive_read_data_block
+_read_header_position: Final = _lib.archive_read_header_position
+_entry_pathname: Final = _lib.archive_entry_pathname
+_entry_hardlink: Final = _lib.archive_entry_hardlink
+_entry_symlink: Final = _lib.archive_entry_symlink
+_entry_stat: Final = _lib.archive_entry_stat
+_entry_uid: Final = _lib.archive_entry_uid
+_entry_gid: Final = _lib.archive_entry_gid
+_entry_atime_is_set: Final = _lib.archive_entry_atime_is_set
+_entry_ctime_is_set: Final = _lib.archive_entry_ctime_is_set
+_entry_birthtime_is_set: Final = _lib.archive_entry_birthtime_is_set
+_entry_xattr_reset: Final = _lib.archive_entry_xattr_reset
+
 
 def _stat_layout() -> struct.Struct | None:
     """Return the fields of glibc's struct stat that _decode reads, on x86-64 Linux only.
@@ -441,7 +457,7 @@ class TarReader:
     def __iter__(self) -> Iterator[TarEntry]:
         entry_pointer = ctypes.c_void_p()
         while True:
-            result = _lib.archive_read_next_header(self._archive, ctypes.byref(entry_pointer))
+            result = _read_next_header(self._archive, ctypes.byref(entry_pointer))
             if result == ARCHIVE_EOF:
                 if self._error is not None:
                     self._raise("read the tar stream")
@@ -477,12 +493,12 @@ class TarReader:
 
     def _decode(self, entry: int | None) -> TarEntry:
         lib = _lib
-        hardlink = lib.archive_entry_hardlink(entry)
+        hardlink = _entry_hardlink(entry)
         layout = _STAT
         if layout is not None:
             # One call fills mode, device, size and times; each field alone costs a call.
             (mode, rdev, size, atime_s, atime_ns, mtime_s, mtime_ns, ctime_s, ctime_ns) = (
-                layout.unpack(ctypes.string_at(lib.archive_entry_stat(entry), layout.size))
+                layout.unpack(ctypes.string_at(_entry_stat(entry), layout.size))
             )
             rdev_major, rdev_minor = os.major(rdev), os.minor(rdev)
         else:
@@ -495,33 +511,33 @@ class TarReader:
             ctime_s, ctime_ns = lib.archive_entry_ctime(entry), lib.archive_entry_ctime_nsec(entry)
         file_type = mode & S_IFMT
         atime = ctime = birthtime = None
-        if lib.archive_entry_atime_is_set(entry):
+        if _entry_atime_is_set(entry):
             atime = _time_ns(atime_s, atime_ns)
-        if lib.archive_entry_ctime_is_set(entry):
+        if _entry_ctime_is_set(entry):
             ctime = _time_ns(ctime_s, ctime_ns)
-        if lib.archive_entry_birthtime_is_set(entry):
+        if _entry_birthtime_is_set(entry):
             birthtime = _time_ns(
                 lib.archive_entry_birthtime(entry), lib.archive_entry_birthtime_nsec(entry)
             )
         decoded = TarEntry(
-            path=lib.archive_entry_pathname(entry) or b"",
+            path=_entry_pathname(entry) or b"",
             file_type=0 if hardlink is not None else file_type,
             permissions=mode & 0o7777,
             # Not from struct stat, whose 32-bit fields would hide an owner that is too large.
-            uid=lib.archive_entry_uid(entry),
-            gid=lib.archive_entry_gid(entry),
+            uid=_entry_uid(entry),
+            gid=_entry_gid(entry),
             size=size,
             mtime_ns=_time_ns(mtime_s, mtime_ns),
             atime_ns=atime,
             ctime_ns=ctime,
             birthtime_ns=birthtime,
             hardlink=hardlink,
-            symlink=lib.archive_entry_symlink(entry) if file_type == 0o120000 else None,
+            symlink=_entry_symlink(entry) if file_type == 0o120000 else None,
             rdev_major=rdev_major,
             rdev_minor=rdev_minor,
-            header_offset=lib.archive_read_header_position(self._archive),
+            header_offset=_read_header_position(self._archive),
         )
-        if lib.archive_entry_xattr_reset(entry):
+        if _entry_xattr_reset(entry):
             name = ctypes.c_char_p()
             value = ctypes.c_void_p()
             length = ctypes.c_size_t()
@@ -542,12 +558,12 @@ class TarReader:
         valid until the next block.
         """
         archive = self._archive
-        read_block = _lib.archive_read_data_block
+        read_block = _read_data_block
         block, size, offset = self._block, self._block_size, self._block_offset
-        arguments = self._block_arguments
+        block_reference, size_reference, offset_reference = self._block_arguments
         stream = self._stream
         while True:
-            result = read_block(archive, *arguments)
+            result = read_block(archive, block_reference, size_reference, offset_reference)
             if result == ARCHIVE_EOF:
                 return
             if result not in (ARCHIVE_OK, ARCHIVE_WARN):
