@@ -26,6 +26,7 @@ from typing import Final
 import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import oracle
 import tarbuild
@@ -33,7 +34,7 @@ import treegen
 from conftest import CORPUS_LAYER_NAMES
 from lcow.cli import main
 from lcow.layer.changes import LayerTree, MergedView, diff_size, layer_changes
-from lcow.layer.export import export_tar
+from lcow.layer.export import _byte_sum, export_tar
 from lcow.layer.tar2ext4 import convert_tar
 from oracle import (
     compare_trees,
@@ -706,3 +707,14 @@ def test_empty_layer_changes(empty_image: Path) -> None:
 
     assert changes == []
     assert size == 0
+
+
+@pytest.mark.parametrize("length", [0, 1, 255, 256, 257, 512])
+def test_byte_sum_of_full_bytes(length: int) -> None:
+    data = b"\xff" * length
+    assert _byte_sum(data) == 255 * length
+
+
+@given(st.binary(max_size=600))
+def test_byte_sum_matches_sum(data: bytes) -> None:
+    assert _byte_sum(data) == sum(data)

@@ -20,6 +20,7 @@ import io
 import os
 import stat
 import struct
+import zlib
 from collections.abc import Iterator
 from typing import IO, Final
 
@@ -66,6 +67,10 @@ _NUMERIC_FIELDS: Final = b"%07o\0%07o\0%07o\0%011o\0%011o\0"
 # The checksum sums every header byte with the chksum field read as 8 spaces.
 _CHECKSUM_BASE: Final = 8 * ord(" ") + sum(USTAR_MAGIC)
 _BINARY_CHARSET_RECORD: Final = b"21 hdrcharset=BINARY\n"
+# The low 16 bits of Adler-32 hold 1 plus the byte sum modulo 65521. 256 bytes sum to at
+# most 65,280, so there the modulo never applies, and zlib sums in C where sum() makes an
+# int per byte.
+_ADLER_EXACT_BYTES: Final = 256
 
 _PADDING: Final = bytes(BLOCK_SIZE_BYTES)
 _COPY_BUFFER_BYTES: Final = 1 << 20
@@ -93,6 +98,13 @@ def _pax_time(time_ns: int) -> str:
     return f"{seconds}.{nanoseconds:09d}".rstrip("0")
 
 
+def _byte_sum(data: bytes) -> int:
+    """Return the sum of the bytes of ``data``, as the ustar checksum adds them."""
+    if len(data) <= _ADLER_EXACT_BYTES:
+        return (zlib.adler32(data) & 0xFFFF) - 1
+    return sum(data)
+
+
 def _ustar_header(
     name: bytes,
     typeflag: bytes,
@@ -110,11 +122,11 @@ def _ustar_header(
     checksum = (
         _CHECKSUM_BASE
         + typeflag[0]
-        + sum(name)
-        + sum(numbers)
-        + sum(linkname)
-        + sum(devmajor)
-        + sum(devminor)
+        + _byte_sum(name)
+        + _byte_sum(numbers)
+        + _byte_sum(linkname)
+        + _byte_sum(devmajor)
+        + _byte_sum(devminor)
     )
     return _USTAR_HEADER.pack(
         name,
