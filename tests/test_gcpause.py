@@ -1,4 +1,5 @@
-"""Conversion and export run with the cyclic garbage collector paused and leave no cycles."""
+"""Conversion and export run with the cyclic garbage collector paused, and leave no cycles
+per chunk or per file."""
 
 from __future__ import annotations
 

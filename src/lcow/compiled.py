@@ -7,10 +7,14 @@ effect until the next build, and :func:`stale_modules` finds such modules.
 
 The value classes these modules make once per entry, inode or extent declare their own
 ``__init__`` (with ``init=False`` on ``@dataclass``). mypyc compiles a written-out
-``__init__``, while the one the dataclass decorator generates runs as interpreted Python:
-a frozen dataclass of three fields took 947 ns to make, the same class with its own
-``__init__`` 63 ns. Fields that a frozen dataclass would protect are ``Final`` instead, so
-mypy keeps them from being assigned, and such classes define ``__hash__``.
+``__init__``, while the one the dataclass decorator generates runs as interpreted Python.
+Making an object of three fields took 458 ns with the generated ``__init__`` (947 ns when
+frozen) and 63 ns with its own. Fields that a frozen dataclass would protect are ``Final``
+instead, so mypy keeps them from being assigned, and such classes define ``__hash__``.
+
+NOTE: in the compiled build, ``copy.copy`` and ``pickle`` fail on these classes, because
+their ``__new__`` calls the written-out ``__init__`` without arguments. lcow copies and
+pickles none of them.
 """
 
 import importlib.metadata

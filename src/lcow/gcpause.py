@@ -16,8 +16,8 @@ from collections.abc import Iterator
 def paused() -> Iterator[None]:
     """Disable the cyclic collector inside the block, and enable it after if it was before.
 
-    Blocks in two threads may overlap. The first to end then enables the collector, and the
-    other finishes with it running, as it would without a pause.
+    Blocks in two threads may overlap. The block that found the collector enabled enables it
+    when it ends, and the other then finishes with it running, as without a pause.
     """
     was_enabled = gc.isenabled()
     gc.disable()

@@ -68,8 +68,8 @@ _NUMERIC_FIELDS: Final = b"%07o\0%07o\0%07o\0%011o\0%011o\0"
 _CHECKSUM_BASE: Final = 8 * ord(" ") + sum(USTAR_MAGIC)
 _BINARY_CHARSET_RECORD: Final = b"21 hdrcharset=BINARY\n"
 # The low 16 bits of Adler-32 hold 1 plus the byte sum modulo 65521. 256 bytes sum to at
-# most 65,280, so there the modulo never applies, and zlib sums in C where sum() makes an
-# int per byte.
+# most 65,280, so there the modulo never applies. zlib sums in C, where sum() steps an
+# iterator and adds Python ints for every byte.
 _ADLER_EXACT_BYTES: Final = 256
 
 _PADDING: Final = bytes(BLOCK_SIZE_BYTES)

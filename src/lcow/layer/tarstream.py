@@ -121,8 +121,8 @@ def _load_libarchive() -> ctypes.CDLL:
 
 _lib: Final = _load_libarchive()
 
-# The functions that run for every entry, looked up once: each use of a CDLL attribute
-# searches the CDLL class and then the instance's dict.
+# The functions that run for every entry, looked up once: each use of a ctypes library's
+# attribute searches the library's class and then its instance dict.
 _read_next_header: Final = _lib.archive_read_next_header
 _read_data_block: Final = _lib.archive_read_data_block
 _read_header_position: Final = _lib.archive_read_header_position
