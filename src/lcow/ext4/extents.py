@@ -16,7 +16,7 @@ from lcow.ext4.checksum import crc32c_raw
 _TAIL_OFFSET: Final = fmt.EXTENT_HEADER.size + fmt.BLOCK_EXTENT_SLOTS * fmt.EXTENT.size
 
 
-@dataclass(slots=True, init=False)
+@dataclass(slots=True, init=False, unsafe_hash=True)
 class Extent:
     """A run of ``length`` blocks: logical block ``logical`` is stored at ``physical``."""
 
@@ -29,9 +29,6 @@ class Extent:
         self.logical = logical
         self.physical = physical
         self.length = length
-
-    def __hash__(self) -> int:
-        return hash((self.logical, self.physical, self.length))
 
 
 @dataclass(slots=True)

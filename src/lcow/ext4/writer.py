@@ -53,7 +53,7 @@ _DEVICE_KINDS: Final = frozenset((fmt.S_IFCHR, fmt.S_IFBLK))
 _EXTENT_KINDS: Final = frozenset((fmt.S_IFREG, fmt.S_IFDIR, fmt.S_IFLNK))  # i_block is a tree
 
 
-@dataclass(slots=True, init=False)
+@dataclass(slots=True, init=False, unsafe_hash=True)
 class Metadata:
     """The metadata an entry sets on its inode: permission bits, owner, times in ns, xattrs."""
 
@@ -86,20 +86,6 @@ class Metadata:
         self.ctime_ns = ctime_ns
         self.crtime_ns = crtime_ns
         self.xattrs = xattrs
-
-    def __hash__(self) -> int:
-        return hash(
-            (
-                self.permissions,
-                self.uid,
-                self.gid,
-                self.mtime_ns,
-                self.atime_ns,
-                self.ctime_ns,
-                self.crtime_ns,
-                self.xattrs,
-            )
-        )
 
 
 class Inode:

@@ -21,7 +21,7 @@ _BLOCK_HASH_SHIFT: Final = 16
 _ENTRY_TERMINATOR_BYTES: Final = 4  # a zero 32-bit word ends the entry list
 
 
-@dataclass(slots=True, init=False)
+@dataclass(slots=True, init=False, unsafe_hash=True)
 class Xattr:
     """One attribute, with its name split into the prefix index and the stored suffix."""
 
@@ -34,9 +34,6 @@ class Xattr:
         self.name_index = name_index
         self.name = name
         self.value = value
-
-    def __hash__(self) -> int:
-        return hash((self.name_index, self.name, self.value))
 
     @property
     def entry_size(self) -> int:

@@ -38,7 +38,7 @@ class ChangeKind(enum.IntEnum):
     DELETE = 2
 
 
-@dataclass(slots=True, init=False)
+@dataclass(slots=True, init=False, unsafe_hash=True)
 class Change:
     """One changed path, starting with ``/``."""
 
@@ -49,9 +49,6 @@ class Change:
         # Written out so that mypyc compiles it (lcow.compiled).
         self.path = path
         self.kind = kind
-
-    def __hash__(self) -> int:
-        return hash((self.path, self.kind))
 
 
 def _is_whiteout(inode: InodeInfo) -> bool:
