@@ -48,7 +48,7 @@ def layer(tmp_path: Path) -> Path:
 
 
 def cyclic_objects_left(action: Callable[[], object]) -> int:
-    """Run ``action`` with the collector off; return how many objects it left in cycles."""
+    """Run ``action`` with the collector off and return how many objects it left in cycles."""
     gc.collect()
     gc.disable()
     try:
@@ -59,7 +59,7 @@ def cyclic_objects_left(action: Callable[[], object]) -> int:
 
 
 def export(image: Path, output: io.BytesIO) -> int:
-    """Export ``image`` into ``output``; return the number of entries."""
+    """Export ``image`` into ``output`` and return the number of entries."""
     reader, fd = open_image(image)
     try:
         return export_tar(reader, output).entries
@@ -83,14 +83,14 @@ def test_paused_keeps_a_disabled_collector_disabled() -> None:
 
 
 @pytest.mark.usefixtures("collector_enabled")
-def test_paused_restores_the_collector_after_an_error() -> None:
+def test_paused_restores_collector_after_error() -> None:
     with pytest.raises(RuntimeError, match="inside"), gcpause.paused():
         raise RuntimeError("inside")
     assert gc.isenabled()
 
 
 @pytest.mark.usefixtures("collector_enabled")
-def test_conversion_runs_with_the_collector_paused(layer: Path, tmp_path: Path) -> None:
+def test_conversion_pauses_the_collector(layer: Path, tmp_path: Path) -> None:
     states: list[bool] = []
     convert_tar(layer, tmp_path / "layer.vhd", on_read=lambda _count: states.append(gc.isenabled()))
     assert len(states) >= CHUNKS
@@ -121,7 +121,7 @@ class _RecordingOutput(io.BytesIO):
 
 
 @pytest.mark.usefixtures("collector_enabled")
-def test_export_runs_with_the_collector_paused(layer: Path, tmp_path: Path) -> None:
+def test_export_pauses_the_collector(layer: Path, tmp_path: Path) -> None:
     image = tmp_path / "layer.vhd"
     convert_tar(layer, image)
     output = _RecordingOutput()

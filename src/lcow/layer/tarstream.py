@@ -55,11 +55,9 @@ END_MARKER_BYTES: Final = 1024  # a tar ends with two 512-byte blocks of zeros
 
 def _load_libarchive() -> ctypes.CDLL:
     # A handle of our own, so our argtypes never clash with libarchive-c's declarations.
-    # PyDLL keeps the GIL during each call, where CDLL releases it and takes it back. About
-    # a dozen calls run per entry, each well under a microsecond, so releasing the GIL cost
-    # more than the calls: the read-ahead thread took it each time. One call took 296 ns
-    # through PyDLL and 721 ns through CDLL. Converting L3-node-modules made 709 voluntary
-    # context switches instead of 4,346.
+    # PyDLL keeps the GIL during each call, where CDLL releases and retakes it, which let the
+    # read-ahead thread take the GIL at each of the dozen calls per entry. A call took 296 ns
+    # against 721 ns, and converting L3-node-modules switched threads 709 times, not 4,346.
     lib = ctypes.PyDLL(libarchive_ffi.libarchive_path)
     p, i, i64, sz, cp, lng = (
         ctypes.c_void_p,
