@@ -38,6 +38,9 @@ COMPILED_MODULES: Final = (
     "lcow.layer.tarstream",
 )
 
+# Written in C and built even with LCOW_MYPYC=0, because lcow imports them unconditionally.
+C_EXTENSIONS: Final = ("lcow.layer._libarchive",)
+
 EXTENSION_SUFFIX: Final = ".so"
 
 
@@ -71,7 +74,7 @@ def editable() -> bool:
 
 
 def stale_modules() -> list[str]:
-    """Return the compiled modules whose source beside them is newer than the extension.
+    """Return the extension modules whose source beside them is newer than the extension.
 
     Only an editable install is checked. pip writes an installed package's files in no set
     order, so there a source may be newer than its extension without being edited.
@@ -80,10 +83,18 @@ def stale_modules() -> list[str]:
         return []
     stale = []
     for name, extension in _extensions().items():
-        source = extension.with_name(name.rsplit(".", 1)[1] + ".py")
-        if source.exists() and source.stat().st_mtime > extension.stat().st_mtime:
+        if _newer_source(extension, name, ".py"):
             stale.append(name)
+    for name in C_EXTENSIONS:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None or _newer_source(Path(spec.origin), name, ".c"):
+            stale.append(name)  # a missing C extension needs a build as much as a stale one
     return stale
+
+
+def _newer_source(extension: Path, name: str, suffix: str) -> bool:
+    source = extension.with_name(name.rsplit(".", 1)[1] + suffix)
+    return source.exists() and source.stat().st_mtime > extension.stat().st_mtime
 
 
 def describe() -> str:

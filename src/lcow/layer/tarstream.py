@@ -1,9 +1,10 @@
 """Read tar layers through libarchive: entries with raw byte names, ns times, xattrs, holes.
 
 libarchive parses every tar dialect a registry serves (ustar, GNU with long names and old
-sparse files, PAX with all sparse versions, base-256 numbers). The libarchive-c package loads
-it; the few entry fields that package does not expose (extended attributes, nanosecond times
-as integers, data blocks with their offsets) are read here through ctypes.
+sparse files, PAX with all sparse versions, base-256 numbers). The libarchive-c package finds
+it, and ctypes opens and frees each archive. The calls made for every header and every data
+block go through the C extension ``lcow.layer._libarchive`` instead: through ctypes, decoding
+one entry took a dozen calls of about 300 ns each.
 
 Decompression happens before libarchive sees the bytes: gzip through ISA-L (several times
 faster than zlib, in a thread of its own), zstd through the zstandard package. A read-ahead
@@ -16,10 +17,7 @@ import hashlib
 import io
 import logging
 import os
-import platform
 import queue
-import struct
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ import zstandard
 from isal import igzip_threaded
 
 from lcow.errors import CorruptInputError
+from lcow.layer import _libarchive as _per_entry
 
 log = logging.getLogger(__name__)
 
@@ -55,60 +54,26 @@ END_MARKER_BYTES: Final = 1024  # a tar ends with two 512-byte blocks of zeros
 
 def _load_libarchive() -> ctypes.CDLL:
     # A handle of our own, so our argtypes never clash with libarchive-c's declarations.
-    # PyDLL keeps the GIL during each call, where CDLL releases and retakes it, which let the
-    # read-ahead thread take the GIL at each of the dozen calls per entry. A call took 296 ns
-    # against 721 ns, and converting L3-node-modules switched threads 709 times, not 4,346.
+    # PyDLL keeps the GIL during each call, as lcow.layer._libarchive does, so the read
+    # callback always runs on the thread that holds it. CDLL releases and retakes the GIL
+    # around each call: a call took 721 ns against 296 ns with PyDLL.
     lib = ctypes.PyDLL(libarchive_ffi.libarchive_path)
-    p, i, i64, sz, cp, lng = (
-        ctypes.c_void_p,
-        ctypes.c_int,
-        ctypes.c_int64,
-        ctypes.c_size_t,
-        ctypes.c_char_p,
-        ctypes.c_long,
-    )
+    p, i, i64, cp = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_char_p
+    sz = ctypes.c_size_t
     declarations: dict[str, tuple[list[type], type | None]] = {
         "archive_read_new": ([], p),
         "archive_read_support_format_tar": ([p], i),
         "archive_read_open": ([p, p, p, libarchive_ffi.READ_CALLBACK, p], i),
+        # The next two are for callers that time libarchive alone, such as the benchmarks.
         "archive_read_next_header": ([p, ctypes.POINTER(p)], i),
         "archive_read_data_block": (
             [p, ctypes.POINTER(p), ctypes.POINTER(sz), ctypes.POINTER(i64)],
             i,
         ),
-        "archive_read_data_skip": ([p], i),
         "archive_read_free": ([p], i),
         "archive_error_string": ([p], cp),
         "archive_read_header_position": ([p], i64),
         "archive_filter_bytes": ([p, i], i64),
-        "archive_entry_pathname": ([p], cp),
-        "archive_entry_hardlink": ([p], cp),
-        "archive_entry_symlink": ([p], cp),
-        "archive_entry_filetype": ([p], ctypes.c_uint),
-        "archive_entry_mode": ([p], ctypes.c_uint),
-        "archive_entry_uid": ([p], i64),
-        "archive_entry_gid": ([p], i64),
-        "archive_entry_size": ([p], i64),
-        "archive_entry_size_is_set": ([p], i),
-        "archive_entry_rdevmajor": ([p], ctypes.c_uint),
-        "archive_entry_rdevminor": ([p], ctypes.c_uint),
-        "archive_entry_mtime": ([p], i64),
-        "archive_entry_mtime_nsec": ([p], lng),
-        "archive_entry_atime": ([p], i64),
-        "archive_entry_atime_nsec": ([p], lng),
-        "archive_entry_atime_is_set": ([p], i),
-        "archive_entry_ctime": ([p], i64),
-        "archive_entry_ctime_nsec": ([p], lng),
-        "archive_entry_ctime_is_set": ([p], i),
-        "archive_entry_birthtime": ([p], i64),
-        "archive_entry_birthtime_nsec": ([p], lng),
-        "archive_entry_birthtime_is_set": ([p], i),
-        "archive_entry_xattr_reset": ([p], i),
-        "archive_entry_stat": ([p], p),
-        "archive_entry_xattr_next": (
-            [p, ctypes.POINTER(cp), ctypes.POINTER(p), ctypes.POINTER(sz)],
-            i,
-        ),
     }
     for name, (argtypes, restype) in declarations.items():
         function = getattr(lib, name)
@@ -119,38 +84,20 @@ def _load_libarchive() -> ctypes.CDLL:
 
 _lib: Final = _load_libarchive()
 
-# The functions that run for every entry, looked up once: each use of a ctypes library's
-# attribute searches the library's class and then its instance dict.
-_read_next_header: Final = _lib.archive_read_next_header
-_read_data_block: Final = _lib.archive_read_data_block
-_read_header_position: Final = _lib.archive_read_header_position
-_entry_pathname: Final = _lib.archive_entry_pathname
-_entry_hardlink: Final = _lib.archive_entry_hardlink
-_entry_symlink: Final = _lib.archive_entry_symlink
-_entry_stat: Final = _lib.archive_entry_stat
-_entry_uid: Final = _lib.archive_entry_uid
-_entry_gid: Final = _lib.archive_entry_gid
-_entry_atime_is_set: Final = _lib.archive_entry_atime_is_set
-_entry_ctime_is_set: Final = _lib.archive_entry_ctime_is_set
-_entry_birthtime_is_set: Final = _lib.archive_entry_birthtime_is_set
-_entry_xattr_reset: Final = _lib.archive_entry_xattr_reset
+
+def _bind_per_entry_calls() -> None:
+    """Hand lcow.layer._libarchive the addresses of the functions it calls, from ``_lib``."""
+    _per_entry.bind(
+        {
+            name: ctypes.cast(getattr(_lib, name), ctypes.c_void_p).value
+            for name in _per_entry.FUNCTION_NAMES
+        }
+    )
 
 
-def _stat_layout() -> struct.Struct | None:
-    """Return the fields of glibc's struct stat that _decode reads, on x86-64 Linux only.
-
-    The layout (x86_64 asm/stat.h): st_mode at byte 24, st_rdev at 40, st_size at 48, then
-    st_blksize and st_blocks, then st_atim, st_mtim and st_ctim as (seconds, nanoseconds).
-    Other machines order the fields differently and read each field with its own call.
-    """
-    if sys.platform != "linux" or platform.machine() != "x86_64":
-        return None
-    return struct.Struct("<24xI12xQq16xqqqqqq")
-
-
-# Not Final: compiled code then reads it from the module at each use, so a test can set it
-# to None and run the per-field reads on this machine too.
-_STAT: struct.Struct | None = _stat_layout()
+_bind_per_entry_calls()
+_read_header: Final = _per_entry.read_header
+_read_block: Final = _per_entry.read_block
 
 
 @dataclass(slots=True, init=False)
@@ -318,8 +265,7 @@ class ReadAhead:
         self.bytes_read = 0
         self.at_eof = False
         self.tail = b""  # the last END_MARKER_BYTES handed out
-        self.chunk_address = 0  # the chunk most recently handed out, for zero-copy slicing
-        self.chunk_view = memoryview(b"")
+        self.chunk_address = 0  # the chunk most recently handed out, for libarchive
 
     def _run(self) -> None:
         try:
@@ -358,8 +304,7 @@ class ReadAhead:
 
         self._held_index = index
         self.chunk_address = self._addresses[index]
-        self.chunk_view = self._views[index]
-        chunk = self.chunk_view[:count]
+        chunk = self._views[index][:count]
         self.bytes_read += count
         self.tail = (self.tail + bytes(chunk[-END_MARKER_BYTES:]))[-END_MARKER_BYTES:]
         if self._on_read is not None:
@@ -402,15 +347,6 @@ class TarReader:
         self._error: BaseException | None = None
         self._callback = libarchive_ffi.READ_CALLBACK(self._read)
         self._current: TarEntry | None = None
-        # Arguments of archive_read_data_block, made once: it runs for every block.
-        self._block = ctypes.c_void_p()
-        self._block_size = ctypes.c_size_t()
-        self._block_offset = ctypes.c_int64()
-        self._block_arguments = (
-            ctypes.byref(self._block),
-            ctypes.byref(self._block_size),
-            ctypes.byref(self._block_offset),
-        )
         _lib.archive_read_support_format_tar(self._archive)
         if _lib.archive_read_open(self._archive, None, None, self._callback, None) != ARCHIVE_OK:
             self._raise("open the tar stream")
@@ -453,9 +389,10 @@ class TarReader:
         self.close()
 
     def __iter__(self) -> Iterator[TarEntry]:
-        entry_pointer = ctypes.c_void_p()
+        archive = self._archive
         while True:
-            result = _read_next_header(self._archive, ctypes.byref(entry_pointer))
+            fields = _read_header(archive)
+            result: int = fields[0]
             if result == ARCHIVE_EOF:
                 if self._error is not None:
                     self._raise("read the tar stream")
@@ -471,7 +408,7 @@ class TarReader:
                     _lib.archive_read_header_position(self._archive),
                     (_lib.archive_error_string(self._archive) or b"").decode("utf-8", "replace"),
                 )
-            self._current = self._decode(entry_pointer.value)
+            self._current = _decode(fields)
             yield self._current
 
     def _check_end_marker(self) -> None:
@@ -489,94 +426,66 @@ class TarReader:
             "without the end-of-archive marker (two zero blocks); the layer is truncated"
         )
 
-    def _decode(self, entry: int | None) -> TarEntry:
-        lib = _lib
-        hardlink = _entry_hardlink(entry)
-        layout = _STAT
-        if layout is not None:
-            # One call fills mode, device, size and times; each field alone costs a call.
-            (mode, rdev, size, atime_s, atime_ns, mtime_s, mtime_ns, ctime_s, ctime_ns) = (
-                layout.unpack(ctypes.string_at(_entry_stat(entry), layout.size))
-            )
-            rdev_major, rdev_minor = os.major(rdev), os.minor(rdev)
-        else:
-            mode = lib.archive_entry_mode(entry)
-            rdev_major = lib.archive_entry_rdevmajor(entry)
-            rdev_minor = lib.archive_entry_rdevminor(entry)
-            size = lib.archive_entry_size(entry) if lib.archive_entry_size_is_set(entry) else 0
-            atime_s, atime_ns = lib.archive_entry_atime(entry), lib.archive_entry_atime_nsec(entry)
-            mtime_s, mtime_ns = lib.archive_entry_mtime(entry), lib.archive_entry_mtime_nsec(entry)
-            ctime_s, ctime_ns = lib.archive_entry_ctime(entry), lib.archive_entry_ctime_nsec(entry)
-        file_type = mode & S_IFMT
-        atime = ctime = birthtime = None
-        if _entry_atime_is_set(entry):
-            atime = _time_ns(atime_s, atime_ns)
-        if _entry_ctime_is_set(entry):
-            ctime = _time_ns(ctime_s, ctime_ns)
-        if _entry_birthtime_is_set(entry):
-            birthtime = _time_ns(
-                lib.archive_entry_birthtime(entry), lib.archive_entry_birthtime_nsec(entry)
-            )
-        decoded = TarEntry(
-            path=_entry_pathname(entry) or b"",
-            file_type=0 if hardlink is not None else file_type,
-            permissions=mode & 0o7777,
-            # Not from struct stat, whose 32-bit fields would hide an owner that is too large.
-            uid=_entry_uid(entry),
-            gid=_entry_gid(entry),
-            size=size,
-            mtime_ns=_time_ns(mtime_s, mtime_ns),
-            atime_ns=atime,
-            ctime_ns=ctime,
-            birthtime_ns=birthtime,
-            hardlink=hardlink,
-            symlink=_entry_symlink(entry) if file_type == 0o120000 else None,
-            rdev_major=rdev_major,
-            rdev_minor=rdev_minor,
-            header_offset=_read_header_position(self._archive),
-        )
-        if _entry_xattr_reset(entry):
-            name = ctypes.c_char_p()
-            value = ctypes.c_void_p()
-            length = ctypes.c_size_t()
-            while (
-                lib.archive_entry_xattr_next(
-                    entry, ctypes.byref(name), ctypes.byref(value), ctypes.byref(length)
-                )
-                == ARCHIVE_OK
-            ):
-                data = ctypes.string_at(value.value or 0, length.value) if length.value else b""
-                decoded.xattrs.append((name.value or b"", data))
-        return decoded
-
     def data_blocks(self) -> Iterator[tuple[int, memoryview]]:
         """Yield (offset, data) of the current entry; the gaps between blocks are holes.
 
         Each view points into the current chunk or into libarchive's own buffer, and is
-        valid until the next block.
+        valid until the next block: it holds no reference that keeps those bytes.
         """
         archive = self._archive
-        read_block = _read_data_block
-        block, size, offset = self._block, self._block_size, self._block_offset
-        block_reference, size_reference, offset_reference = self._block_arguments
-        stream = self._stream
         while True:
-            result = read_block(archive, block_reference, size_reference, offset_reference)
+            result, offset, block = _read_block(archive)
             if result == ARCHIVE_EOF:
                 return
             if result not in (ARCHIVE_OK, ARCHIVE_WARN):
                 self._raise("read the data")
-            length = size.value
-            if not length:
-                continue
-            address = block.value or 0
-            start = address - stream.chunk_address
-            if start >= 0 and start + length <= len(stream.chunk_view):
-                # An uncompressed tar's data lies in the chunk libarchive got from us.
-                yield offset.value, stream.chunk_view[start : start + length]
-            else:
-                array = (ctypes.c_char * length).from_address(address)
-                yield offset.value, memoryview(array).cast("B")
+            if block is not None:
+                yield offset, block
+
+
+def _decode(fields: tuple[Any, ...]) -> TarEntry:
+    """Make the entry from the fields of ``_read_header``, in the order of _libarchive.c."""
+    (
+        _result,
+        path,
+        hardlink,
+        symlink,
+        mode,
+        uid,
+        gid,
+        size,
+        rdev_major,
+        rdev_minor,
+        mtime_s,
+        mtime_ns,
+        atime_s,
+        atime_ns,
+        ctime_s,
+        ctime_ns,
+        birthtime_s,
+        birthtime_ns,
+        header_offset,
+        xattrs,
+    ) = fields
+    file_type = mode & S_IFMT
+    return TarEntry(
+        path=path or b"",
+        file_type=0 if hardlink is not None else file_type,
+        permissions=mode & 0o7777,
+        uid=uid,
+        gid=gid,
+        size=size,
+        mtime_ns=_time_ns(mtime_s, mtime_ns),
+        atime_ns=None if atime_s is None else _time_ns(atime_s, atime_ns),
+        ctime_ns=None if ctime_s is None else _time_ns(ctime_s, ctime_ns),
+        birthtime_ns=None if birthtime_s is None else _time_ns(birthtime_s, birthtime_ns),
+        hardlink=hardlink,
+        symlink=symlink if file_type == 0o120000 else None,
+        rdev_major=rdev_major,
+        rdev_minor=rdev_minor,
+        header_offset=header_offset,
+        xattrs=xattrs,
+    )
 
 
 def open_source(path: str | os.PathLike[str]) -> IO[bytes]:

@@ -1,0 +1,9 @@
+"""Types of the C extension lcow.layer._libarchive (src/lcow/layer/_libarchive.c)."""
+
+from typing import Any
+
+FUNCTION_NAMES: tuple[str, ...]
+
+def bind(addresses: dict[str, int | None], /) -> None: ...
+def read_header(archive: int, /) -> tuple[Any, ...]: ...
+def read_block(archive: int, /) -> tuple[int, int, memoryview | None]: ...
