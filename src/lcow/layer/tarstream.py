@@ -35,8 +35,10 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK_BYTES: Final = 1 << 20
 READ_AHEAD_CHUNKS: Final = 4  # chunks in flight: one held by libarchive, the rest read ahead
-# 4 chunks of 256 KiB stay in the CPU's L2 and L3 caches between the read and the write.
-READ_AHEAD_CHUNK_BYTES: Final = 256 << 10
+# The read-ahead thread needs the GIL a few times per chunk, and gets it mostly while the
+# converter waits, so larger chunks mean fewer waits. With 1 MiB against 256 KiB, converting
+# many-small-files took 2.39-2.49 s against 2.74-2.95 s (3 alternating runs each).
+READ_AHEAD_CHUNK_BYTES: Final = 1 << 20
 READ_AHEAD_JOIN_S: Final = 5.0
 # A layer file's BufferedReader stays smaller than a read-ahead chunk: it then reads whole
 # chunks straight into the chunk's buffer, where a larger one copies each through its own.
