@@ -58,3 +58,10 @@ def test_installed_package_is_never_stale(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(compiled, "_origin", lambda name: extension)
     monkeypatch.setattr(compiled, "editable", lambda: False)
     assert compiled.stale_modules() == []
+
+
+def test_build_without_mypyc_described(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build with LCOW_MYPYC=0 still has its C extensions, so it is not called pure Python."""
+    monkeypatch.setattr(compiled, "_origin", lambda name: Path(f"/{name}.py"))
+    assert compiled.compiled_modules() == []
+    assert compiled.describe() == "interpreted, without mypyc (built with LCOW_MYPYC=0)"

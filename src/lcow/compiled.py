@@ -98,10 +98,11 @@ def _newer_source(extension: Path, name: str, suffix: str) -> bool:
 
 
 def describe() -> str:
-    """Return how lcow runs here: compiled by mypyc, partly, or as pure Python."""
+    """Return how lcow runs here: compiled by mypyc, partly, or interpreted."""
     compiled = compiled_modules()
     if len(compiled) == len(COMPILED_MODULES):
         return f"compiled by mypyc ({len(compiled)} modules)"
     if compiled:
         return f"partly compiled by mypyc: {', '.join(compiled)}"
-    return "pure Python (built with LCOW_MYPYC=0)"
+    # The C extensions of C_EXTENSIONS are built either way, so this is not pure Python.
+    return "interpreted, without mypyc (built with LCOW_MYPYC=0)"
