@@ -84,7 +84,8 @@ def profile(spec: str, folder: Path) -> str:
         # Calls between compiled functions never reach the profiler.
         header += (
             "lcow runs compiled by mypyc here, so its own functions hardly appear: use --perf, "
-            "or profile a pure-Python build (delete src/lcow's *.so files, then run "
+            "or profile a build without mypyc (delete src/lcow's mypyc extensions with "
+            "find src/lcow -name '*.so' ! -name '_*' -delete, then run "
             "LCOW_MYPYC=0 pip install -e .)\n"
         )
     return header + text.getvalue()

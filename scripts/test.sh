@@ -22,7 +22,7 @@ if [ -n "$stale" ]; then
     exit 1
   fi
   echo "scripts/test.sh: rebuilding lcow's extension modules, whose sources changed" >&2
-  "$bin/pip" install --quiet --disable-pip-version-check --no-deps -e .
+  LCOW_C_WERROR=1 "$bin/pip" install --quiet --disable-pip-version-check --no-deps -e .
 fi
 
 "$bin/ruff" check .

@@ -14,7 +14,7 @@ from oracle import skip_or_fail
 def test_tests_run_compiled_modules() -> None:
     """The suite checks the code that an installed lcow runs, which is the compiled one."""
     if os.environ.get("LCOW_MYPYC") == "0":
-        pytest.skip("lcow was built as pure Python (LCOW_MYPYC=0)")
+        pytest.skip("lcow was built without mypyc (LCOW_MYPYC=0)")
     built = compiled.compiled_modules()
     if not built:
         skip_or_fail("lcow was built without mypyc; `pip install -e .` compiles it")
@@ -38,6 +38,7 @@ def test_stale_extension_is_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         return extension if name == "lcow.ext4.writer" else Path(f"/{name}.py")
 
     monkeypatch.setattr(compiled, "_origin", origin)
+    monkeypatch.setattr(compiled, "_find", lambda name: tmp_path / f"{name}.so")
     monkeypatch.setattr(compiled, "editable", lambda: True)
     assert compiled.compiled_modules() == ["lcow.ext4.writer"]
     assert compiled.stale_modules() == ["lcow.ext4.writer"]
@@ -65,3 +66,28 @@ def test_build_without_mypyc_described(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(compiled, "_origin", lambda name: Path(f"/{name}.py"))
     assert compiled.compiled_modules() == []
     assert compiled.describe() == "interpreted, without mypyc (built with LCOW_MYPYC=0)"
+
+
+def test_missing_or_stale_c_extension_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A C extension that was never built, or whose .c source is newer, needs a build."""
+    extension = tmp_path / "_libarchive.cpython-311-x86_64-linux-gnu.so"
+    extension.write_bytes(b"")
+    source = tmp_path / "_libarchive.c"
+    source.write_text("")
+    os.utime(extension, (2_000_000, 2_000_000))
+    os.utime(source, (1_000_000, 1_000_000))
+    built = {"lcow.layer._libarchive": extension}
+
+    monkeypatch.setattr(compiled, "_extensions", dict)  # no mypyc extension to compare
+    monkeypatch.setattr(compiled, "_find", built.get)
+    monkeypatch.setattr(compiled, "C_EXTENSIONS", ("lcow.layer._libarchive",))
+    monkeypatch.setattr(compiled, "editable", lambda: True)
+    assert compiled.stale_modules() == []
+
+    os.utime(source, (3_000_000, 3_000_000))
+    assert compiled.stale_modules() == ["lcow.layer._libarchive"]
+
+    built.clear()
+    assert compiled.stale_modules() == ["lcow.layer._libarchive"]

@@ -166,11 +166,18 @@ def _pax_time_ns(value: str) -> int:
 
 def test_entry_fields_match_tarfile() -> None:
     """TarReader decodes each header field as Python's tarfile reads it from the same bytes."""
-    times = {"atime": "1700000001.25", "ctime": "-1.5", "LIBARCHIVE.creationtime": "86400.5"}
-    xattr = {"SCHILY.xattr.user.note": "kept"}
+    # Every time has a fraction of its own, so no two fields can be swapped unnoticed.
+    times = {"atime": "1700000001.25", "ctime": "-1.5", "LIBARCHIVE.creationtime": "86400.75"}
+    xattrs = {
+        "SCHILY.xattr.user.note": "kept",
+        "SCHILY.xattr.user.binary": "a\x00b",
+        "SCHILY.xattr.user.empty": "",
+    }
     members = [
         regular("file", b"data" * 1000, mode=0o4755, uid=1000, gid=2**31, pax_headers=times),
-        regular("dated", b"x", pax_headers={"mtime": "-100000.125", **xattr}),
+        regular("dated", b"x", pax_headers={"mtime": "-100000.125", **xattrs}),
+        regular("changed", b"ctime only", pax_headers={"ctime": "1600000000.375"}),
+        regular("created", b"", pax_headers={"LIBARCHIVE.creationtime": "1500000000.625"}),
         device("char", tarfile.CHRTYPE, 1, 3, mode=0o666),
         device("block", tarfile.BLKTYPE, 4095, 1048575, mode=0o600),
         fifo("pipe", mode=0o640),
@@ -185,14 +192,19 @@ def test_entry_fields_match_tarfile() -> None:
     try:
         with tarstream.TarReader(ahead) as reader:
             decoded = []
+            contents = []
             for entry in reader:
                 decoded.append(entry)
-                data = b"".join(bytes(block) for _offset, block in reader.data_blocks())
-                assert len(data) == (entry.size if entry.hardlink is None else 0)
+                contents.append(b"".join(bytes(block) for _offset, block in reader.data_blocks()))
     finally:
         ahead.close()
 
     assert [entry.path for entry in decoded] == [info.name.encode() for info in expected]
+    with tarfile.open(fileobj=io.BytesIO(archive)) as expected_archive:
+        for data, info in zip(contents, expected, strict=True):
+            extracted = expected_archive.extractfile(info) if info.isreg() else None
+            assert data == (b"" if extracted is None else extracted.read())
+
     for entry, info in zip(decoded, expected, strict=True):
         pax = info.pax_headers
         assert entry.header_offset == info.offset
@@ -204,11 +216,12 @@ def test_entry_fields_match_tarfile() -> None:
         assert entry.ctime_ns == (_pax_time_ns(pax["ctime"]) if "ctime" in pax else None)
         birthtime = pax.get("LIBARCHIVE.creationtime")
         assert entry.birthtime_ns == (None if birthtime is None else _pax_time_ns(birthtime))
-        assert entry.xattrs == [
+        # libarchive lists an entry's xattrs in the reverse order of its PAX records.
+        assert sorted(entry.xattrs) == sorted(
             (name.removeprefix("SCHILY.xattr.").encode(), value.encode())
             for name, value in pax.items()
             if name.startswith("SCHILY.xattr.")
-        ]
+        )
         if info.islnk():
             assert entry.file_type == 0
             assert entry.hardlink == info.linkname.encode()
@@ -229,3 +242,18 @@ _FILE_TYPES = {
     tarfile.FIFOTYPE: stat.S_IFIFO,
     tarfile.SYMTYPE: stat.S_IFLNK,
 }
+
+
+def test_damaged_header_error_names_its_byte(tmp_path: Path) -> None:
+    """A header with a wrong checksum is named by the byte where it starts in the tar."""
+    first = regular("first", b"x" * 3000)
+    archive = bytearray(
+        tar_bytes([first, regular("second", b"y")], tar_format=tarfile.USTAR_FORMAT)
+    )
+    second_header = 512 + 3072  # the first header, then its data padded to 512-byte blocks
+    assert archive[second_header : second_header + 6] == b"second"
+    archive[second_header + 148 : second_header + 156] = b"0000000\0"  # chksum
+
+    error = convert_rejected(bytes(archive), tmp_path, CorruptInputError)
+
+    assert f"read the tar header at byte {second_header}" in str(error)

@@ -45,9 +45,17 @@ EXTENSION_SUFFIX: Final = ".so"
 
 
 def _origin(module: str) -> Path:
+    found = _find(module)
+    if found is None:
+        raise ImportError(f"failed to find lcow's module {module}")
+    return found
+
+
+def _find(module: str) -> Path | None:
+    """Return the file Python imports ``module`` from, or None when there is none."""
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
-        raise ImportError(f"failed to find lcow's module {module}")
+        return None
     return Path(spec.origin)
 
 
@@ -86,8 +94,8 @@ def stale_modules() -> list[str]:
         if _newer_source(extension, name, ".py"):
             stale.append(name)
     for name in C_EXTENSIONS:
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.origin is None or _newer_source(Path(spec.origin), name, ".c"):
+        built = _find(name)
+        if built is None or _newer_source(built, name, ".c"):
             stale.append(name)  # a missing C extension needs a build as much as a stale one
     return stale
 

@@ -14,6 +14,7 @@
 #include <Python.h>
 
 #include <stdint.h>
+#include <string.h>
 #include <sys/types.h>
 #include <time.h>
 
@@ -22,6 +23,14 @@
 
 struct archive;
 struct archive_entry;
+
+#if defined(__has_include)
+#if __has_include(<archive.h>) && __has_include(<archive_entry.h>)
+#include <archive.h>
+#include <archive_entry.h>
+#define CHECK_PROTOTYPES 1
+#endif
+#endif
 
 static int (*read_next_header)(struct archive *, struct archive_entry **);
 static int (*read_data_block)(struct archive *, const void **, size_t *, int64_t *);
@@ -53,37 +62,71 @@ static int (*entry_xattr_next)(struct archive_entry *, const char **, const void
 /* The functions by their names in libarchive, with the pointer that bind() sets. */
 static const struct {
     const char *name;
-    void **slot;
+    void *slot;
 } functions[] = {
-    {"archive_read_next_header", (void **)&read_next_header},
-    {"archive_read_data_block", (void **)&read_data_block},
-    {"archive_read_header_position", (void **)&read_header_position},
-    {"archive_entry_pathname", (void **)&entry_pathname},
-    {"archive_entry_hardlink", (void **)&entry_hardlink},
-    {"archive_entry_symlink", (void **)&entry_symlink},
-    {"archive_entry_mode", (void **)&entry_mode},
-    {"archive_entry_uid", (void **)&entry_uid},
-    {"archive_entry_gid", (void **)&entry_gid},
-    {"archive_entry_size", (void **)&entry_size},
-    {"archive_entry_size_is_set", (void **)&entry_size_is_set},
-    {"archive_entry_rdevmajor", (void **)&entry_rdevmajor},
-    {"archive_entry_rdevminor", (void **)&entry_rdevminor},
-    {"archive_entry_mtime", (void **)&entry_mtime},
-    {"archive_entry_mtime_nsec", (void **)&entry_mtime_nsec},
-    {"archive_entry_atime", (void **)&entry_atime},
-    {"archive_entry_atime_nsec", (void **)&entry_atime_nsec},
-    {"archive_entry_atime_is_set", (void **)&entry_atime_is_set},
-    {"archive_entry_ctime", (void **)&entry_ctime},
-    {"archive_entry_ctime_nsec", (void **)&entry_ctime_nsec},
-    {"archive_entry_ctime_is_set", (void **)&entry_ctime_is_set},
-    {"archive_entry_birthtime", (void **)&entry_birthtime},
-    {"archive_entry_birthtime_nsec", (void **)&entry_birthtime_nsec},
-    {"archive_entry_birthtime_is_set", (void **)&entry_birthtime_is_set},
-    {"archive_entry_xattr_reset", (void **)&entry_xattr_reset},
-    {"archive_entry_xattr_next", (void **)&entry_xattr_next},
+    {"archive_read_next_header", (void *)&read_next_header},
+    {"archive_read_data_block", (void *)&read_data_block},
+    {"archive_read_header_position", (void *)&read_header_position},
+    {"archive_entry_pathname", (void *)&entry_pathname},
+    {"archive_entry_hardlink", (void *)&entry_hardlink},
+    {"archive_entry_symlink", (void *)&entry_symlink},
+    {"archive_entry_mode", (void *)&entry_mode},
+    {"archive_entry_uid", (void *)&entry_uid},
+    {"archive_entry_gid", (void *)&entry_gid},
+    {"archive_entry_size", (void *)&entry_size},
+    {"archive_entry_size_is_set", (void *)&entry_size_is_set},
+    {"archive_entry_rdevmajor", (void *)&entry_rdevmajor},
+    {"archive_entry_rdevminor", (void *)&entry_rdevminor},
+    {"archive_entry_mtime", (void *)&entry_mtime},
+    {"archive_entry_mtime_nsec", (void *)&entry_mtime_nsec},
+    {"archive_entry_atime", (void *)&entry_atime},
+    {"archive_entry_atime_nsec", (void *)&entry_atime_nsec},
+    {"archive_entry_atime_is_set", (void *)&entry_atime_is_set},
+    {"archive_entry_ctime", (void *)&entry_ctime},
+    {"archive_entry_ctime_nsec", (void *)&entry_ctime_nsec},
+    {"archive_entry_ctime_is_set", (void *)&entry_ctime_is_set},
+    {"archive_entry_birthtime", (void *)&entry_birthtime},
+    {"archive_entry_birthtime_nsec", (void *)&entry_birthtime_nsec},
+    {"archive_entry_birthtime_is_set", (void *)&entry_birthtime_is_set},
+    {"archive_entry_xattr_reset", (void *)&entry_xattr_reset},
+    {"archive_entry_xattr_next", (void *)&entry_xattr_next},
 };
 
 #define FUNCTION_COUNT (sizeof(functions) / sizeof(functions[0]))
+
+#ifdef CHECK_PROTOTYPES
+/* The prototype checks, made when libarchive's headers are installed. */
+#define SAME_TYPE(pointer, function)                                                            \
+    _Static_assert(__builtin_types_compatible_p(__typeof__(pointer), __typeof__(&function)),      \
+                   #pointer " does not match " #function)
+SAME_TYPE(read_next_header, archive_read_next_header);
+SAME_TYPE(read_data_block, archive_read_data_block);
+SAME_TYPE(read_header_position, archive_read_header_position);
+SAME_TYPE(entry_pathname, archive_entry_pathname);
+SAME_TYPE(entry_hardlink, archive_entry_hardlink);
+SAME_TYPE(entry_symlink, archive_entry_symlink);
+SAME_TYPE(entry_mode, archive_entry_mode);
+SAME_TYPE(entry_uid, archive_entry_uid);
+SAME_TYPE(entry_gid, archive_entry_gid);
+SAME_TYPE(entry_size, archive_entry_size);
+SAME_TYPE(entry_size_is_set, archive_entry_size_is_set);
+SAME_TYPE(entry_rdevmajor, archive_entry_rdevmajor);
+SAME_TYPE(entry_rdevminor, archive_entry_rdevminor);
+SAME_TYPE(entry_mtime, archive_entry_mtime);
+SAME_TYPE(entry_mtime_nsec, archive_entry_mtime_nsec);
+SAME_TYPE(entry_atime, archive_entry_atime);
+SAME_TYPE(entry_atime_nsec, archive_entry_atime_nsec);
+SAME_TYPE(entry_atime_is_set, archive_entry_atime_is_set);
+SAME_TYPE(entry_ctime, archive_entry_ctime);
+SAME_TYPE(entry_ctime_nsec, archive_entry_ctime_nsec);
+SAME_TYPE(entry_ctime_is_set, archive_entry_ctime_is_set);
+SAME_TYPE(entry_birthtime, archive_entry_birthtime);
+SAME_TYPE(entry_birthtime_nsec, archive_entry_birthtime_nsec);
+SAME_TYPE(entry_birthtime_is_set, archive_entry_birthtime_is_set);
+SAME_TYPE(entry_xattr_reset, archive_entry_xattr_reset);
+SAME_TYPE(entry_xattr_next, archive_entry_xattr_next);
+#undef SAME_TYPE
+#endif
 
 static int bound = 0;
 
@@ -103,6 +146,11 @@ bind(PyObject *module, PyObject *addresses)
                          functions[index].name);
             return NULL;
         }
+        if (address == Py_None) {
+            PyErr_Format(PyExc_ValueError, "invalid address of %s: None",
+                         functions[index].name);
+            return NULL;
+        }
         found[index] = PyLong_AsVoidPtr(address);
         if (found[index] == NULL) {
             if (!PyErr_Occurred()) {
@@ -112,9 +160,10 @@ bind(PyObject *module, PyObject *addresses)
             return NULL;
         }
     }
-    /* A failed bind() changes no pointer. */
+    /* A failed bind() changes no pointer. The slots hold function pointers of other types,
+       so memcpy sets them: a store through void ** would break the aliasing rules. */
     for (size_t index = 0; index < FUNCTION_COUNT; index++) {
-        *functions[index].slot = found[index];
+        memcpy(functions[index].slot, &found[index], sizeof(void *));
     }
     bound = 1;
     Py_RETURN_NONE;
@@ -226,41 +275,40 @@ read_header(PyObject *module, PyObject *argument)
     if (fields == NULL) {
         return NULL;
     }
-    PyObject *values[HEADER_FIELDS] = {
-        [HEADER_STATUS] = PyLong_FromLong(status),
-        [HEADER_PATH] = bytes_or_none(entry_pathname(entry)),
-        [HEADER_HARDLINK] = bytes_or_none(entry_hardlink(entry)),
-        [HEADER_SYMLINK] = bytes_or_none(entry_symlink(entry)),
-        [HEADER_MODE] = PyLong_FromUnsignedLong(entry_mode(entry)),
-        [HEADER_UID] = PyLong_FromLongLong(entry_uid(entry)),
-        [HEADER_GID] = PyLong_FromLongLong(entry_gid(entry)),
-        [HEADER_SIZE] = PyLong_FromLongLong(entry_size_is_set(entry) ? entry_size(entry) : 0),
-        [HEADER_RDEV_MAJOR] = PyLong_FromUnsignedLongLong(entry_rdevmajor(entry)),
-        [HEADER_RDEV_MINOR] = PyLong_FromUnsignedLongLong(entry_rdevminor(entry)),
-        [HEADER_MTIME_S] = PyLong_FromLongLong((long long)entry_mtime(entry)),
-        [HEADER_MTIME_NS] = PyLong_FromLong(entry_mtime_nsec(entry)),
-        [HEADER_ATIME_S] = seconds_or_none(entry_atime_is_set(entry), entry_atime(entry)),
-        [HEADER_ATIME_NS] = PyLong_FromLong(entry_atime_nsec(entry)),
-        [HEADER_CTIME_S] = seconds_or_none(entry_ctime_is_set(entry), entry_ctime(entry)),
-        [HEADER_CTIME_NS] = PyLong_FromLong(entry_ctime_nsec(entry)),
-        [HEADER_BIRTHTIME_S] =
-            seconds_or_none(entry_birthtime_is_set(entry), entry_birthtime(entry)),
-        [HEADER_BIRTHTIME_NS] = PyLong_FromLong(entry_birthtime_nsec(entry)),
-        [HEADER_POSITION] = PyLong_FromLongLong(read_header_position(archive)),
-        [HEADER_XATTRS] = xattrs(entry),
-    };
-    int failed = 0;
-    for (int index = 0; index < HEADER_FIELDS; index++) {
-        if (values[index] == NULL) {
-            failed = 1;
-            values[index] = Py_NewRef(Py_None);
-        }
-        PyTuple_SET_ITEM(fields, index, values[index]);
-    }
-    if (failed) {
-        Py_DECREF(fields);
-        return NULL;
-    }
+    /* Each field is set as soon as it is made, and the first failure stops, so no C-API
+       call runs with an exception set. PyTuple_New fills the tuple with NULL, which
+       Py_DECREF of a partly filled tuple accepts. */
+#define SET_FIELD(index, value)                                                                 \
+    do {                                                                                        \
+        PyObject *made = (value);                                                               \
+        if (made == NULL) {                                                                     \
+            Py_DECREF(fields);                                                                  \
+            return NULL;                                                                        \
+        }                                                                                       \
+        PyTuple_SET_ITEM(fields, (index), made);                                                \
+    } while (0)
+    SET_FIELD(HEADER_STATUS, PyLong_FromLong(status));
+    SET_FIELD(HEADER_PATH, bytes_or_none(entry_pathname(entry)));
+    SET_FIELD(HEADER_HARDLINK, bytes_or_none(entry_hardlink(entry)));
+    SET_FIELD(HEADER_SYMLINK, bytes_or_none(entry_symlink(entry)));
+    SET_FIELD(HEADER_MODE, PyLong_FromUnsignedLong(entry_mode(entry)));
+    SET_FIELD(HEADER_UID, PyLong_FromLongLong(entry_uid(entry)));
+    SET_FIELD(HEADER_GID, PyLong_FromLongLong(entry_gid(entry)));
+    SET_FIELD(HEADER_SIZE, PyLong_FromLongLong(entry_size_is_set(entry) ? entry_size(entry) : 0));
+    SET_FIELD(HEADER_RDEV_MAJOR, PyLong_FromUnsignedLongLong(entry_rdevmajor(entry)));
+    SET_FIELD(HEADER_RDEV_MINOR, PyLong_FromUnsignedLongLong(entry_rdevminor(entry)));
+    SET_FIELD(HEADER_MTIME_S, PyLong_FromLongLong((long long)entry_mtime(entry)));
+    SET_FIELD(HEADER_MTIME_NS, PyLong_FromLong(entry_mtime_nsec(entry)));
+    SET_FIELD(HEADER_ATIME_S, seconds_or_none(entry_atime_is_set(entry), entry_atime(entry)));
+    SET_FIELD(HEADER_ATIME_NS, PyLong_FromLong(entry_atime_nsec(entry)));
+    SET_FIELD(HEADER_CTIME_S, seconds_or_none(entry_ctime_is_set(entry), entry_ctime(entry)));
+    SET_FIELD(HEADER_CTIME_NS, PyLong_FromLong(entry_ctime_nsec(entry)));
+    SET_FIELD(HEADER_BIRTHTIME_S,
+              seconds_or_none(entry_birthtime_is_set(entry), entry_birthtime(entry)));
+    SET_FIELD(HEADER_BIRTHTIME_NS, PyLong_FromLong(entry_birthtime_nsec(entry)));
+    SET_FIELD(HEADER_POSITION, PyLong_FromLongLong(read_header_position(archive)));
+    SET_FIELD(HEADER_XATTRS, xattrs(entry));
+#undef SET_FIELD
     return fields;
 }
 

@@ -391,9 +391,8 @@ class TarReader:
         self.close()
 
     def __iter__(self) -> Iterator[TarEntry]:
-        archive = self._archive
         while True:
-            fields = _read_header(archive)
+            fields = _read_header(self._archive)
             result: int = fields[0]
             if result == ARCHIVE_EOF:
                 if self._error is not None:
@@ -403,7 +402,9 @@ class TarReader:
                 return
             if result not in (ARCHIVE_OK, ARCHIVE_WARN):
                 self._current = None
-                self._raise(f"read the tar header at byte {self._stream.bytes_read}")
+                # libarchive records where a header starts before it parses it.
+                position = _lib.archive_read_header_position(self._archive)
+                self._raise(f"read the tar header at byte {position}")
             if result == ARCHIVE_WARN:
                 log.warning(
                     "libarchive warning at tar byte %d: %s",
