@@ -23,16 +23,23 @@ def test_tests_run_compiled_modules() -> None:
     assert compiled.describe() == f"compiled by mypyc ({len(built)} modules)"
 
 
+def built_module(folder: Path, stem: str, suffix: str, *, built_s: int, edited_s: int) -> Path:
+    """Make an empty extension built at ``built_s`` and its source edited at ``edited_s``."""
+    folder.mkdir(exist_ok=True)
+    extension = folder / f"{stem}.cpython-311-x86_64-linux-gnu.so"
+    extension.write_bytes(b"")
+    source = folder / f"{stem}{suffix}"
+    source.write_text("")
+    os.utime(extension, (built_s, built_s))
+    os.utime(source, (edited_s, edited_s))
+    return extension
+
+
 def test_stale_extension_is_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A source edited after the build makes its extension stale; an older one does not."""
     folder = tmp_path / "ext4"
-    folder.mkdir()
-    extension = folder / "writer.cpython-311-x86_64-linux-gnu.so"
-    extension.write_bytes(b"")
+    extension = built_module(folder, "writer", ".py", built_s=1_000_000, edited_s=2_000_000)
     source = folder / "writer.py"
-    source.write_text("")
-    os.utime(extension, (1_000_000, 1_000_000))
-    os.utime(source, (2_000_000, 2_000_000))
 
     def origin(name: str) -> Path:
         return extension if name == "lcow.ext4.writer" else Path(f"/{name}.py")
@@ -72,12 +79,8 @@ def test_missing_or_stale_c_extension_found(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A C extension that was never built, or whose .c source is newer, needs a build."""
-    extension = tmp_path / "_libarchive.cpython-311-x86_64-linux-gnu.so"
-    extension.write_bytes(b"")
+    extension = built_module(tmp_path, "_libarchive", ".c", built_s=2_000_000, edited_s=1_000_000)
     source = tmp_path / "_libarchive.c"
-    source.write_text("")
-    os.utime(extension, (2_000_000, 2_000_000))
-    os.utime(source, (1_000_000, 1_000_000))
     built = {"lcow.layer._libarchive": extension}
 
     monkeypatch.setattr(compiled, "_extensions", dict)  # no mypyc extension to compare
