@@ -32,7 +32,10 @@ from lcow.ext4.layout import BlockAllocator, backup_groups, descriptor_blocks
 BLOCK: Final = fmt.BLOCK_SIZE_BYTES
 DEFAULT_MAX_SIZE_BYTES: Final = 1 << 40  # 1 TiB; reserves 64 blocks per superblock copy
 LOST_AND_FOUND: Final = b"lost+found"
-_DATA_BUFFER_BYTES: Final = 1 << 20  # small files are gathered into writes of this size
+# Small files are gathered into writes of this size. A buffer of 256 KiB is likely still in
+# the CPU's cache when pwrite copies it out: converting many-small-files took a median of
+# 2.205 s against 2.332 s with 1 MiB (5 alternating runs each); L1-base did not change.
+_DATA_BUFFER_BYTES: Final = 256 << 10
 # A larger piece goes out at once: copying it into the buffer would cost more than a call.
 _DIRECT_WRITE_BYTES: Final = 128 << 10
 _MAX_FILE_LINKS: Final = fmt.EXT4_LINK_MAX
