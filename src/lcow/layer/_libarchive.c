@@ -1,5 +1,5 @@
 /*
- * libarchive's calls for every tar header and every data block, made from C.
+ * The libarchive calls that run for every tar header and every data block, written in C.
  *
  * Through ctypes, one libarchive call took about 300 ns, and decoding an entry took a dozen
  * calls. Here read_header() reads a header and returns all of the entry's fields, and
@@ -95,7 +95,7 @@ static const struct {
 #define FUNCTION_COUNT (sizeof(functions) / sizeof(functions[0]))
 
 #ifdef CHECK_PROTOTYPES
-/* The prototype checks, made when libarchive's headers are installed. */
+/* Prototype checks, compiled only where libarchive's headers are installed. */
 #define SAME_TYPE(pointer, function)                                                            \
     _Static_assert(__builtin_types_compatible_p(__typeof__(pointer), __typeof__(&function)),      \
                    #pointer " does not match " #function)
@@ -275,17 +275,17 @@ read_header(PyObject *module, PyObject *argument)
     if (fields == NULL) {
         return NULL;
     }
-    /* Each field is set as soon as it is made, and the first failure stops, so no C-API
+    /* Each field is set as soon as it is created, and the first failure stops, so no C-API
        call runs with an exception set. PyTuple_New fills the tuple with NULL, which
        Py_DECREF of a partly filled tuple accepts. */
 #define SET_FIELD(index, value)                                                                 \
     do {                                                                                        \
-        PyObject *made = (value);                                                               \
-        if (made == NULL) {                                                                     \
+        PyObject *field = (value);                                                              \
+        if (field == NULL) {                                                                    \
             Py_DECREF(fields);                                                                  \
             return NULL;                                                                        \
         }                                                                                       \
-        PyTuple_SET_ITEM(fields, (index), made);                                                \
+        PyTuple_SET_ITEM(fields, (index), field);                                               \
     } while (0)
     SET_FIELD(HEADER_STATUS, PyLong_FromLong(status));
     SET_FIELD(HEADER_PATH, bytes_or_none(entry_pathname(entry)));
@@ -350,7 +350,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module_definition = {
     .m_base = PyModuleDef_HEAD_INIT,
     .m_name = "lcow.layer._libarchive",
-    .m_doc = "libarchive's per-entry and per-block calls, made from C.",
+    .m_doc = "The libarchive calls for every tar header and data block, written in C.",
     .m_size = -1,
     .m_methods = methods,
 };

@@ -405,13 +405,13 @@ class TarReader:
                 # libarchive records where a header starts before it parses it.
                 position = _lib.archive_read_header_position(self._archive)
                 self._raise(f"read the tar header at byte {position}")
+            self._current = _decode(fields)
             if result == ARCHIVE_WARN:
                 log.warning(
                     "libarchive warning at tar byte %d: %s",
-                    _lib.archive_read_header_position(self._archive),
+                    self._current.header_offset,
                     (_lib.archive_error_string(self._archive) or b"").decode("utf-8", "replace"),
                 )
-            self._current = _decode(fields)
             yield self._current
 
     def _check_end_marker(self) -> None:
