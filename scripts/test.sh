@@ -23,7 +23,7 @@ print(*(name for name in compiled.stale_modules() if name in compiled.COMPILED_M
     if [ -n "$stale_mypyc" ]; then
       echo "scripts/test.sh: the extensions of $stale_mypyc are older than their sources and" \
         "LCOW_MYPYC=0 builds none of mypyc's. Delete them:" \
-        "find src/lcow -name '*.so' ! -name '_libarchive.*' -delete" >&2
+        "find src/lcow -name '*.so' ! -name '_*' -delete" >&2
       exit 1
     fi
   fi

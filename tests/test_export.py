@@ -9,6 +9,7 @@ corpus layer and on random trees, and an empty layer must stay empty all the way
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import gzip
 import hashlib
 import io
@@ -33,8 +34,9 @@ import tarbuild
 import treegen
 from conftest import CORPUS_LAYER_NAMES
 from lcow.cli import main
+from lcow.layer import _ustar
 from lcow.layer.changes import LayerTree, MergedView, diff_size, layer_changes
-from lcow.layer.export import _byte_sum, export_tar
+from lcow.layer.export import export_tar
 from lcow.layer.tar2ext4 import convert_tar
 from oracle import (
     compare_trees,
@@ -709,12 +711,125 @@ def test_empty_layer_changes(empty_image: Path) -> None:
     assert size == 0
 
 
-@pytest.mark.parametrize("length", [0, 1, 255, 256, 257, 512])
-def test_byte_sum_of_full_bytes(length: int) -> None:
-    data = b"\xff" * length
-    assert _byte_sum(data) == 255 * length
+# --- headers against tarfile -----------------------------------------------------------------
+
+# ext4 stores a time as 32 signed bits of seconds and 2 epoch bits, from 1901 to 2446.
+EXT4_SECONDS: Final = st.integers(min_value=-(1 << 31), max_value=(1 << 34) - (1 << 31) - 1)
+NAMES: Final = st.binary(min_size=1, max_size=300).filter(lambda name: b"\0" not in name)
+TEXT_NAMES: Final = st.one_of(
+    NAMES,
+    st.text(min_size=1, max_size=120).map(lambda text: text.encode("utf-8", "surrogatepass")),
+).filter(lambda name: b"\0" not in name)
 
 
-@given(st.binary(max_size=600))
-def test_byte_sum_matches_sum(data: bytes) -> None:
-    assert _byte_sum(data) == sum(data)
+@dataclasses.dataclass(frozen=True)
+class HeaderCase:
+    name: bytes
+    typeflag: bytes
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    linkname: bytes
+    device: tuple[int, int] | None
+    xattr_records: list[tuple[bytes, bytes]] | None
+
+
+@st.composite
+def header_cases(draw: st.DrawFn) -> HeaderCase:
+    typeflag = draw(st.sampled_from([b"0", b"1", b"2", b"3", b"4", b"5", b"6"]))
+    name = draw(TEXT_NAMES)
+    if typeflag == b"5":
+        name += b"/"
+    xattrs = draw(
+        st.dictionaries(
+            st.from_regex(rb"\A(user|security|trusted)\.[a-z._-]{1,40}\Z"),
+            st.binary(max_size=200),
+            max_size=3,
+        )
+    )
+    seconds = draw(EXT4_SECONDS)
+    nanoseconds = draw(st.one_of(st.just(0), st.integers(0, 999_999_999)))
+    return HeaderCase(
+        name=name,
+        typeflag=typeflag,
+        mode=draw(st.integers(0, 0xFFFF)),
+        uid=draw(st.one_of(st.integers(0, 70_000), st.integers(0, (1 << 32) - 1))),
+        gid=draw(st.one_of(st.integers(0, 70_000), st.integers(0, (1 << 32) - 1))),
+        size=draw(st.one_of(st.integers(0, 1 << 20), st.integers(0, (1 << 64) - 1)))
+        if typeflag == b"0"
+        else 0,
+        mtime_ns=seconds * 1_000_000_000 + nanoseconds,
+        linkname=draw(TEXT_NAMES) if typeflag in (b"1", b"2") else b"",
+        device=(draw(st.integers(0, (1 << 12) - 1)), draw(st.integers(0, (1 << 20) - 1)))
+        if typeflag in (b"3", b"4")
+        else None,
+        xattr_records=[(b"SCHILY.xattr." + key, value) for key, value in sorted(xattrs.items())]
+        or draw(st.sampled_from([None, []])),
+    )
+
+
+def decimal_seconds(time_ns: int) -> str:
+    """A time in ns as decimal seconds without trailing zeros, as PAX records carry it."""
+    return format(decimal.Decimal(time_ns).scaleb(-9).normalize(), "f")
+
+
+def tarfile_header(case: HeaderCase) -> bytes:
+    """What tarfile writes for the entry in PAX_FORMAT, utf-8 with surrogateescape."""
+    info = tarfile.TarInfo(case.name.decode("utf-8", "surrogateescape"))
+    info.type = case.typeflag
+    info.mode = case.mode & 0o7777
+    info.uid, info.gid, info.size = case.uid, case.gid, case.size
+    info.mtime = case.mtime_ns // 1_000_000_000
+    info.uname = info.gname = ""
+    info.linkname = case.linkname.decode("utf-8", "surrogateescape")
+    if case.device is not None:
+        info.devmajor, info.devminor = case.device
+    # lcow's mtime record comes first, as from a caller that sets it in pax_headers.
+    records = {}
+    if case.mtime_ns % 1_000_000_000 or not 0 <= info.mtime < 8**11:
+        records["mtime"] = decimal_seconds(case.mtime_ns)
+    for keyword, value in case.xattr_records or []:
+        records[keyword.decode("ascii")] = value.decode("utf-8", "surrogateescape")
+    info.pax_headers = records
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+@settings(max_examples=2000, derandomize=oracle.in_ci())
+@given(case=header_cases())
+def test_header_matches_tarfile(case: HeaderCase) -> None:
+    built = _ustar.header(
+        case.name,
+        case.typeflag,
+        case.mode,
+        case.uid,
+        case.gid,
+        case.size,
+        case.mtime_ns,
+        case.linkname,
+        case.device,
+        case.xattr_records,
+    )
+    assert built == tarfile_header(case)
+
+
+@pytest.mark.parametrize(
+    ("time_ns", "text"),
+    [
+        (-1_500_000_000, "-1.5"),
+        (-500_000_000, "-0.5"),
+        (-1, "-0.000000001"),
+        (1_700_000_000_123_456_789, "1700000000.123456789"),
+        (((1 << 34) - (1 << 31) - 1) * 1_000_000_000 + 1, "15032385535.000000001"),
+    ],
+)
+def test_header_mtime_record(time_ns: int, text: str) -> None:
+    built = _ustar.header(b"f", b"0", 0o644, 0, 0, 0, time_ns, b"", None, None)
+    assert f" mtime={text}\n".encode() in built[512:1024]
+    assert decimal_seconds(time_ns) == text
+
+
+def test_header_rejects_a_bad_device() -> None:
+    with pytest.raises(ValueError, match="device"):
+        _ustar.header(b"dev/x", b"3", 0o600, 0, 0, 0, 0, b"", (1 << 21, 0), None)

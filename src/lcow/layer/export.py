@@ -10,7 +10,8 @@ overlayfs bookkeeping (``trusted.overlay.*`` xattrs) never leaves the image: the
 marker becomes its ``.wh..wh..opq`` entry and the rest describe the host's mount only.
 
 The headers are the bytes that Python 3.11's ``tarfile`` writes in ``PAX_FORMAT`` with
-``encoding="utf-8", errors="surrogateescape"``, built here without its per-member objects.
+``encoding="utf-8", errors="surrogateescape"``, built by the C extension
+:mod:`lcow.layer._ustar` without tarfile's per-member objects.
 Reference: POSIX.1-2008, pax "ustar Interchange Format" and "pax Extended Header".
 """
 
@@ -19,8 +20,6 @@ import errno
 import io
 import os
 import stat
-import struct
-import zlib
 from collections.abc import Iterator
 from typing import IO, Final
 
@@ -28,6 +27,7 @@ from lcow import gcpause
 from lcow.errors import CorruptInputError
 from lcow.ext4 import format as fmt
 from lcow.ext4.reader import BlockDevice, Ext4Reader, FileDevice, InodeInfo
+from lcow.layer import _ustar
 
 WHITEOUT_PREFIX: Final = ".wh."
 OPAQUE_MARKER: Final = ".wh..wh..opq"
@@ -50,27 +50,6 @@ CHRTYPE: Final = b"3"
 BLKTYPE: Final = b"4"
 DIRTYPE: Final = b"5"
 FIFOTYPE: Final = b"6"
-XHDTYPE: Final = b"x"  # a PAX extended header for the entry that follows
-
-USTAR_MAGIC: Final = b"ustar\x0000"  # magic "ustar\0", then version "00"
-PAX_HEADER_NAME: Final = b"././@PaxHeader"  # the name tarfile (and star) gives PAX headers
-NAME_FIELD_BYTES: Final = 100  # name and linkname
-OCTAL_7_LIMIT: Final = 8**7  # mode, uid, gid, devmajor, devminor: 7 octal digits and a NUL
-OCTAL_11_LIMIT: Final = 8**11  # size, mtime: 11 octal digits and a NUL
-
-# The ustar header with mode, uid, gid, size and mtime as one 48-byte run of octal fields:
-# name, (mode uid gid size mtime), chksum, typeflag, linkname, magic and version, uname,
-# gname, devmajor, devminor, prefix, then 12 bytes of padding. Short values end in NULs.
-_USTAR_HEADER: Final = struct.Struct("100s48s8s1s100s8s32s32s8s8s155s12x")
-assert _USTAR_HEADER.size == BLOCK_SIZE_BYTES
-_NUMERIC_FIELDS: Final = b"%07o\0%07o\0%07o\0%011o\0%011o\0"
-# The checksum sums every header byte with the chksum field read as 8 spaces.
-_CHECKSUM_BASE: Final = 8 * ord(" ") + sum(USTAR_MAGIC)
-_BINARY_CHARSET_RECORD: Final = b"21 hdrcharset=BINARY\n"
-# The low 16 bits of Adler-32 hold 1 plus the byte sum modulo 65521. 256 bytes sum to at
-# most 65,280, so there the modulo never applies. zlib sums in C, where sum() steps an
-# iterator and adds Python ints for every byte.
-_ADLER_EXACT_BYTES: Final = 256
 
 _PADDING: Final = bytes(BLOCK_SIZE_BYTES)
 _COPY_BUFFER_BYTES: Final = 1 << 20
@@ -81,112 +60,6 @@ _SENDFILE_MIN_BYTES: Final = 64 << 10
 # sendfile rejects some outputs, such as a file opened with O_APPEND, so their data goes
 # through pread and write.
 _SENDFILE_UNSUPPORTED: Final = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
-
-
-def _pax_time(time_ns: int) -> str:
-    seconds, nanoseconds = divmod(time_ns, 1_000_000_000)
-    if not nanoseconds:
-        return str(seconds)
-    if seconds < 0 and nanoseconds:
-        # PAX times are decimal: -1.5 means 1.5 s before the epoch.
-        whole, fraction = seconds + 1, 1_000_000_000 - nanoseconds
-        return (
-            f"-{abs(whole)}.{fraction:09d}".rstrip("0")
-            if whole == 0
-            else f"{whole}.{fraction:09d}".rstrip("0")
-        )
-    return f"{seconds}.{nanoseconds:09d}".rstrip("0")
-
-
-def _byte_sum(data: bytes) -> int:
-    """Return the sum of the bytes of ``data``, as the ustar checksum adds them."""
-    if len(data) <= _ADLER_EXACT_BYTES:
-        return (zlib.adler32(data) & 0xFFFF) - 1
-    return sum(data)
-
-
-def _ustar_header(
-    name: bytes,
-    typeflag: bytes,
-    mode: int,
-    uid: int,
-    gid: int,
-    size: int,
-    mtime: int,
-    linkname: bytes = b"",
-    devmajor: bytes = b"",
-    devminor: bytes = b"",
-) -> bytes:
-    """Pack one ustar header block; name and linkname must fit their 100-byte fields."""
-    numbers = _NUMERIC_FIELDS % (mode, uid, gid, size, mtime)
-    checksum = (
-        _CHECKSUM_BASE
-        + typeflag[0]
-        + _byte_sum(name)
-        + _byte_sum(numbers)
-        + _byte_sum(linkname)
-        + _byte_sum(devmajor)
-        + _byte_sum(devminor)
-    )
-    return _USTAR_HEADER.pack(
-        name,
-        numbers,
-        b"%06o\0 " % checksum,
-        typeflag,
-        linkname,
-        USTAR_MAGIC,
-        b"",
-        b"",
-        devmajor,
-        devminor,
-        b"",
-    )
-
-
-def _ustar_text(value: bytes) -> bytes:
-    """Return the ustar field form of a name that a PAX record carries in full.
-
-    tarfile writes the first 100 characters, each non-ASCII character (an undecodable byte
-    counts as one) as "?".
-    """
-    return value.decode("utf-8", "surrogateescape").encode("ascii", "replace")[:NAME_FIELD_BYTES]
-
-
-def _is_utf8(value: bytes) -> bool:
-    if value.isascii():
-        return True
-    try:
-        value.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-def _pax_record(keyword: bytes, value: bytes) -> bytes:
-    """Format "LENGTH KEYWORD=VALUE\\n", where LENGTH counts the whole record and itself."""
-    length_without_digits = len(keyword) + len(value) + 3  # " ", "=" and "\n"
-    length = 0
-    while True:
-        candidate = length_without_digits + len(str(length))
-        if candidate == length:
-            break
-        length = candidate
-    return b"%d %s=%s\n" % (length, keyword, value)
-
-
-def _pax_header(records: list[tuple[bytes, bytes]]) -> bytes:
-    """Build the extended header block and its padded records.
-
-    Values are the raw bytes of the image. When one is not UTF-8, POSIX requires
-    ``hdrcharset=BINARY`` ahead of the records, so readers do not decode them.
-    """
-    payload = bytearray()
-    if not all(_is_utf8(value) for _, value in records):
-        payload += _BINARY_CHARSET_RECORD
-    for keyword, value in records:
-        payload += _pax_record(keyword, value)
-    header = _ustar_header(PAX_HEADER_NAME, XHDTYPE, 0, 0, 0, len(payload), 0)
-    return header + payload + _PADDING[: -len(payload) % BLOCK_SIZE_BYTES]
 
 
 def _xattr_records(xattrs: dict[bytes, bytes]) -> list[tuple[bytes, bytes]]:
@@ -212,47 +85,19 @@ def _header(
     The records come in tarfile's order: mtime, xattrs by name, path, linkpath, uid, gid,
     size. A value out of its ustar field's range leaves 0 in the field.
     """
-    records: list[tuple[bytes, bytes]] = []
-
-    seconds, nanoseconds = divmod(inode.mtime_ns, 1_000_000_000)
-    mtime = seconds
-    if nanoseconds or not 0 <= seconds < OCTAL_11_LIMIT:
-        records.append((b"mtime", _pax_time(inode.mtime_ns).encode("ascii")))
-        if not 0 <= seconds < OCTAL_11_LIMIT:
-            mtime = 0
-
-    if with_xattrs and inode.xattrs:
-        records += _xattr_records(inode.xattrs)
-
-    if not name.isascii() or len(name) > NAME_FIELD_BYTES:
-        records.append((b"path", name))
-        name = _ustar_text(name)
-    if not linkname.isascii() or len(linkname) > NAME_FIELD_BYTES:
-        records.append((b"linkpath", linkname))
-        linkname = _ustar_text(linkname)
-
-    uid, gid = inode.uid, inode.gid
-    if uid >= OCTAL_7_LIMIT:
-        records.append((b"uid", b"%d" % uid))
-        uid = 0
-    if gid >= OCTAL_7_LIMIT:
-        records.append((b"gid", b"%d" % gid))
-        gid = 0
-    if size >= OCTAL_11_LIMIT:
-        records.append((b"size", b"%d" % size))
-        size = 0
-
-    # ext4 device numbers have at most 12 major and 20 minor bits, below OCTAL_7_LIMIT.
-    devmajor = devminor = b""
-    if device is not None:
-        devmajor, devminor = b"%07o\0" % device[0], b"%07o\0" % device[1]
-
-    header = _ustar_header(
-        name, typeflag, inode.mode & 0o7777, uid, gid, size, mtime, linkname, devmajor, devminor
+    records = _xattr_records(inode.xattrs) if with_xattrs and inode.xattrs else None
+    return _ustar.header(
+        name,
+        typeflag,
+        inode.mode,
+        inode.uid,
+        inode.gid,
+        size,
+        inode.mtime_ns,
+        linkname,
+        device,
+        records,
     )
-    if records:
-        return _pax_header(records) + header
-    return header
 
 
 # --- the output stream -----------------------------------------------------------------------
