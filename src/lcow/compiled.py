@@ -39,7 +39,7 @@ COMPILED_MODULES: Final = (
 )
 
 # Written in C and built even with LCOW_MYPYC=0, because lcow imports them unconditionally.
-C_EXTENSIONS: Final = ("lcow.layer._libarchive", "lcow.layer._ustar")
+C_EXTENSIONS: Final = ("lcow.ext4._inode", "lcow.layer._libarchive", "lcow.layer._ustar")
 
 EXTENSION_SUFFIX: Final = ".so"
 

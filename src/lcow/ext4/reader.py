@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from lcow.errors import CorruptInputError, LcowError, UnsupportedError
+from lcow.ext4 import _inode
 from lcow.ext4 import format as fmt
 from lcow.ext4.checksum import crc32c_raw, filesystem_seed
 
@@ -134,11 +135,10 @@ _Extent = tuple[int, int, int, bool]
 # i_flags, i_generation and i_size_high at offsets 0x0, 0x4, 0x20, 0x64 and 0x6C.
 _INODE_DATA_FIELDS: Final = struct.Struct("<H2xI24xI64xI4xI")
 assert _INODE_DATA_FIELDS.size == 0x70
-# i_generation, l_i_checksum_lo, i_extra_isize and i_checksum_hi at 0x64, 0x7C, 0x80, 0x82.
-_INODE_CHECKSUM_FIELDS: Final = struct.Struct("<100xI20xH2xHH")
-assert _INODE_CHECKSUM_FIELDS.size == 0x84
 # The kernel seeds an inode's checksum with its number and i_generation, both 32-bit.
 _INODE_SEED_FIELDS: Final = struct.Struct("<II")
+_I_EXTRA_ISIZE_OFFSET: Final = 0x80
+_EH_DEPTH_OFFSET: Final = 6  # eh_depth in the extent header
 # i_flags bits as plain ints, because a test on an IntFlag member runs Python code in enum.
 _EXT4_EXTENTS_FL: Final = int(fmt.InodeFlags.EXTENTS)
 _EXT4_INLINE_DATA_FL: Final = int(fmt.InodeFlags.INLINE_DATA)
@@ -154,22 +154,6 @@ _XATTR_NAME_PREFIX: Final[dict[int, bytes]] = {
     fmt.XattrIndex.SYSTEM: b"system.",
     fmt.XattrIndex.RICHACL: b"system.richacl",
 }
-
-
-def _decode_time(seconds_field: int, extra: int) -> int:
-    """Return the ns since the epoch of a signed 32-bit seconds field and its ``_extra`` field.
-
-    The caller passes 0 for an ``_extra`` field that i_extra_isize does not cover, because
-    a missing field and a zero one decode alike.
-    """
-    seconds = seconds_field - ((seconds_field & 0x80000000) << 1)
-    if not extra:
-        return seconds * 1_000_000_000
-    seconds += (extra & fmt.EXT4_EPOCH_MASK) << 32
-    nanoseconds = extra >> fmt.EXT4_EPOCH_BITS
-    if nanoseconds > 999_999_999:
-        nanoseconds = 0
-    return seconds * 1_000_000_000 + nanoseconds
 
 
 class Ext4Reader:
@@ -357,88 +341,36 @@ class Ext4Reader:
         return crc32c_raw(self.seed, _INODE_SEED_FIELDS.pack(number, generation))
 
     def _verify_inode(self, number: int, raw: bytes) -> None:
-        zeroed = bytearray(raw)
-        zeroed[0x7C:0x7E] = b"\0\0"
-        has_hi = False
-        if self.inode_size > fmt.GOOD_OLD_INODE_SIZE_BYTES:
-            generation, stored, extra, stored_hi = _INODE_CHECKSUM_FIELDS.unpack_from(raw)
-            if extra >= 4:
-                has_hi = True
-                stored |= stored_hi << 16
-                zeroed[0x82:0x84] = b"\0\0"
-        else:
-            generation = int.from_bytes(raw[0x64:0x68], "little")
-            stored = int.from_bytes(raw[0x7C:0x7E], "little")
-        expected = crc32c_raw(self._inode_seed(number, generation), zeroed)
-        if not has_hi:
-            expected &= 0xFFFF
+        stored, expected = _inode.checksums(raw, number, self.seed, self.inode_size)
         if expected != stored:
             raise self._corrupt(f"inode {number} checksum {stored:#x} does not match {expected:#x}")
 
     def inode(self, number: int) -> InodeInfo:
         """Decode inode ``number``, xattrs included."""
         raw = self._raw_inode(number)
-        # A 128-byte inode has no extra fields; they read as zeros.
-        padded = raw if len(raw) >= fmt.INODE.size else raw.ljust(fmt.INODE.size, b"\0")
-        fields = fmt.INODE.unpack_from(padded)
+        fields = _inode.decode(raw, self.inode_size)
+        if fields is None:
+            extra_isize = int.from_bytes(
+                raw[_I_EXTRA_ISIZE_OFFSET : _I_EXTRA_ISIZE_OFFSET + 2], "little"
+            )
+            raise self._corrupt(f"inode {number} i_extra_isize {extra_isize}")
         (
             mode,
-            uid_lo,
-            size_lo,
-            atime,
-            ctime,
-            mtime,
-            _dtime,
-            gid_lo,
+            uid,
+            gid,
+            size,
             links,
-            _blocks_lo,
+            atime_ns,
+            mtime_ns,
+            ctime_ns,
+            crtime_ns,
             flags,
-            _version,
-            _i_block,
-            _generation,
-            _acl_lo,
-            size_hi,
-            _faddr,
-            _blocks_hi,
-            _acl_hi,
-            uid_hi,
-            gid_hi,
-            _csum_lo,
-            _reserved,
             extra_isize,
-            _csum_hi,
-            ctime_extra,
-            mtime_extra,
-            atime_extra,
-            crtime,
-            crtime_extra,
-            _version_hi,
-            _projid,
+            has_inode_xattrs,
+            xattr_block,
         ) = fields
-        if self.inode_size == fmt.GOOD_OLD_INODE_SIZE_BYTES:
-            extra_isize = 0
-        if extra_isize > self.inode_size - fmt.GOOD_OLD_INODE_SIZE_BYTES or extra_isize % 4:
-            raise self._corrupt(f"inode {number} i_extra_isize {extra_isize}")
-
-        # The extra fields start at 0x80, and one counts only when i_extra_isize covers it.
-        # For example, i_ctime_extra at 0x84 needs i_extra_isize >= 8.
-        mtime_ns = _decode_time(mtime, mtime_extra if extra_isize >= 12 else 0)
         info = InodeInfo(
-            number=number,
-            mode=mode,
-            uid=uid_lo | uid_hi << 16,
-            gid=gid_lo | gid_hi << 16,
-            size=size_lo | size_hi << 32,
-            links=links,
-            atime_ns=_decode_time(atime, atime_extra if extra_isize >= 16 else 0),
-            mtime_ns=mtime_ns,
-            ctime_ns=_decode_time(ctime, ctime_extra if extra_isize >= 8 else 0),
-            crtime_ns=(
-                _decode_time(crtime, crtime_extra if extra_isize >= 24 else 0)
-                if extra_isize >= 20
-                else mtime_ns
-            ),
-            flags=flags,
+            number, mode, uid, gid, size, links, atime_ns, mtime_ns, ctime_ns, crtime_ns, flags
         )
         kind = mode & fmt.S_IFMT
         if kind in (fmt.S_IFCHR, fmt.S_IFBLK):
@@ -452,24 +384,22 @@ class Ext4Reader:
                 info.rdev_minor = (new & 0xFF) | ((new >> 12) & 0xFFF00)
         elif kind not in fmt.FILE_TYPE_BY_MODE:
             raise self._corrupt(f"inode {number} has the unknown file type {kind:#o}")
-        info.xattrs = self._read_xattrs(number, raw, extra_isize)
+        if has_inode_xattrs or xattr_block:
+            info.xattrs = self._read_xattrs(number, raw, extra_isize, has_inode_xattrs, xattr_block)
         return info
 
     # Extended attributes -----------------------------------------------------------------
 
-    def _read_xattrs(self, number: int, raw: bytes, extra_isize: int) -> dict[bytes, bytes]:
+    def _read_xattrs(
+        self, number: int, raw: bytes, extra_isize: int, in_inode: bool, block_number: int
+    ) -> dict[bytes, bytes]:
+        """Read the xattrs in the inode (when its area starts with the magic) and its block."""
         xattrs: dict[bytes, bytes] = {}
-        start = fmt.GOOD_OLD_INODE_SIZE_BYTES + extra_isize
-        if (
-            self.inode_size > fmt.GOOD_OLD_INODE_SIZE_BYTES
-            and start + 4 <= self.inode_size
-            and int.from_bytes(raw[start : start + 4], "little") == fmt.EXT4_XATTR_MAGIC
-        ):
+        if in_inode:
+            start = fmt.GOOD_OLD_INODE_SIZE_BYTES + extra_isize
             area = raw[start + 4 : self.inode_size]
             self._parse_xattr_entries(number, area, 0, area, xattrs, "in-inode")
 
-        block_number = int.from_bytes(raw[0x68:0x6C], "little")
-        block_number |= int.from_bytes(raw[0x76:0x78], "little") << 32
         if block_number:
             block = self.read_block(block_number)
             magic, _refcount, blocks, _hash, stored = fmt.XATTR_BLOCK_HEADER.unpack_from(block)[:5]
@@ -538,7 +468,7 @@ class Ext4Reader:
             )
         i_block = raw[fmt.INODE_BLOCK_OFFSET : fmt.INODE_BLOCK_OFFSET + fmt.INODE_BLOCK_SIZE_BYTES]
         extents: list[_Extent] = []
-        if fmt.EXTENT_HEADER.unpack_from(i_block)[3] == 0:
+        if int.from_bytes(i_block[_EH_DEPTH_OFFSET : _EH_DEPTH_OFFSET + 2], "little") == 0:
             # A tree of depth 0 lies entirely in the inode, whose checksum is already verified,
             # so it needs no seed for extent block checksums.
             seed = 0
@@ -567,10 +497,10 @@ class Ext4Reader:
         visited: set[int],
         out: list[_Extent],
     ) -> None:
-        magic, entries, max_entries, depth, _ = fmt.EXTENT_HEADER.unpack_from(node)
-        capacity = (len(node) - fmt.EXTENT_HEADER.size) // fmt.EXTENT.size
-        if magic != fmt.EXT4_EXT_MAGIC or entries > max_entries or max_entries > capacity:
+        parsed = _inode.extent_node(node)
+        if parsed is None:
             raise self._corrupt(f"inode {number} has a bad extent node header")
+        depth, max_entries, items = parsed
         if depth > depth_left:
             raise self._corrupt(f"inode {number}'s extent tree is deeper than {fmt.EXT_MAX_DEPTH}")
         if block_number is not None and self.metadata_csum:
@@ -582,22 +512,17 @@ class Ext4Reader:
                 raise self._corrupt(
                     f"inode {number}'s extent block {block_number} checksum mismatch"
                 )
-        for index in range(entries):
-            offset = fmt.EXTENT_HEADER.size + index * fmt.EXTENT.size
-            if depth == 0:
-                logical, length, start_hi, start_lo = fmt.EXTENT.unpack_from(node, offset)
-                initialized = length <= fmt.EXT_INIT_MAX_LEN
-                if not initialized:
-                    length -= fmt.EXT_INIT_MAX_LEN
-                out.append((logical, start_hi << 32 | start_lo, length, initialized))
-                continue
-            _logical, leaf_lo, leaf_hi, _unused = fmt.EXTENT_INDEX.unpack_from(node, offset)
-            child = leaf_hi << 32 | leaf_lo
+        if depth == 0:
+            out.extend(items)
+            return
+        for child in items:
             if child in visited:
                 raise self._corrupt(f"inode {number}'s extent tree visits block {child} twice")
             visited.add(child)
             child_node = self.read_block(child)
-            child_depth = fmt.EXTENT_HEADER.unpack_from(child_node)[3]
+            child_depth = int.from_bytes(
+                child_node[_EH_DEPTH_OFFSET : _EH_DEPTH_OFFSET + 2], "little"
+            )
             if child_depth != depth - 1:
                 raise self._corrupt(f"inode {number}'s extent tree has inconsistent depths")
             self._walk_node(number, child_node, child, seed, depth - 1, visited, out)

@@ -277,7 +277,7 @@ split_time(PyObject *time_ns, long long *seconds, long long *nanoseconds)
         return 0;
     }
 
-    /* Past year 2262 the ns do not fit 64 bits; ext4's 34-bit seconds do. */
+    /* Past year 2262 the ns do not fit 64 bits, while ext4's 34-bit seconds do. */
     PyObject *divisor = PyLong_FromLongLong(NS_PER_SECOND);
     if (divisor == NULL)
         return -1;

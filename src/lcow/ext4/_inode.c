@@ -1,0 +1,351 @@
+/*
+ * The ext4 reader's per-inode decoding, written in C.
+ *
+ * Reading an inode in Python took about 3.5 us: the checksum over a copy with its checksum
+ * fields zeroed, two CRC32C calls, a 32-field struct unpack, four time decodings and the
+ * xattr area's probe. Walking an image of 56,000 small files spent 200 ms there, 40 % of
+ * exporting it. Here checksums() and decode() do that work in one call each, and
+ * extent_node() parses a node of an extent tree.
+ *
+ * The checks and error messages stay in lcow.ext4.reader. These functions return what the
+ * bytes contain, or None where a header cannot be parsed. CRC32C is the crc32c package's.
+ *
+ * Reference: the kernel's ext4 disk-layout documentation and fs/ext4/ext4.h.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <string.h>
+
+#define GOOD_OLD_INODE_SIZE 128
+#define NS_PER_SECOND 1000000000LL
+#define EPOCH_BITS 2
+#define EPOCH_MASK ((1U << EPOCH_BITS) - 1)
+
+/* struct ext4_inode offsets. */
+#define I_MODE 0x00
+#define I_UID 0x02
+#define I_SIZE_LO 0x04
+#define I_ATIME 0x08
+#define I_CTIME 0x0C
+#define I_MTIME 0x10
+#define I_GID 0x18
+#define I_LINKS_COUNT 0x1A
+#define I_FLAGS 0x20
+#define I_GENERATION 0x64
+#define I_FILE_ACL_LO 0x68
+#define I_SIZE_HIGH 0x6C
+#define I_FILE_ACL_HIGH 0x76
+#define I_UID_HIGH 0x78
+#define I_GID_HIGH 0x7A
+#define I_CHECKSUM_LO 0x7C
+#define I_EXTRA_ISIZE 0x80
+#define I_CHECKSUM_HI 0x82
+#define I_CTIME_EXTRA 0x84
+#define I_MTIME_EXTRA 0x88
+#define I_ATIME_EXTRA 0x8C
+#define I_CRTIME 0x90
+#define I_CRTIME_EXTRA 0x94
+
+#define XATTR_MAGIC 0xEA020000U
+#define EXTENT_MAGIC 0xF30A
+#define EXTENT_ENTRY_SIZE 12
+#define EXT_INIT_MAX_LEN (1U << 15)
+
+static PyObject *standard_crc32c; /* crc32c.crc32c(data, value), taken at import */
+
+/* Read a little-endian field of ``raw``. Bytes past its end read as zeros, as a 128-byte
+ * inode's missing extra fields do. */
+static uint32_t
+field(const unsigned char *raw, Py_ssize_t length, Py_ssize_t offset, int size)
+{
+    uint32_t value = 0;
+    for (int index = size - 1; index >= 0; index--) {
+        value <<= 8;
+        if (offset + index < length)
+            value |= raw[offset + index];
+    }
+    return value;
+}
+
+static int
+inode_argument(PyObject *raw, Py_ssize_t inode_size, const unsigned char **bytes)
+{
+    if (!PyBytes_Check(raw)) {
+        PyErr_Format(PyExc_TypeError, "invalid raw inode: expected bytes, got %.100s",
+                     Py_TYPE(raw)->tp_name);
+        return -1;
+    }
+    if (inode_size < GOOD_OLD_INODE_SIZE || PyBytes_GET_SIZE(raw) != inode_size) {
+        PyErr_Format(PyExc_ValueError, "invalid raw inode: %zd bytes for an inode size of %zd",
+                     PyBytes_GET_SIZE(raw), inode_size);
+        return -1;
+    }
+    *bytes = (const unsigned char *)PyBytes_AS_STRING(raw);
+    return 0;
+}
+
+/*
+ * checksums(raw, number, seed, inode_size) -> (stored, computed)
+ *
+ * ext4_inode_csum(): CRC32C from the filesystem's seed over the inode number and
+ * i_generation, then over the inode with its checksum fields read as zeros. Only the low
+ * 16 bits count when the inode has no i_checksum_hi.
+ */
+static PyObject *
+checksums(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    const unsigned char *raw;
+    (void)module;
+
+    if (nargs != 4) {
+        PyErr_Format(PyExc_TypeError, "checksums() takes 4 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    unsigned long number = PyLong_AsUnsignedLong(args[1]);
+    unsigned long seed = PyLong_AsUnsignedLong(args[2]);
+    Py_ssize_t inode_size = PyLong_AsSsize_t(args[3]);
+    if (PyErr_Occurred() || inode_argument(args[0], inode_size, &raw) < 0)
+        return NULL;
+
+    int has_hi = inode_size > GOOD_OLD_INODE_SIZE && field(raw, inode_size, I_EXTRA_ISIZE, 2) >= 4;
+    uint32_t stored = field(raw, inode_size, I_CHECKSUM_LO, 2);
+    if (has_hi)
+        stored |= field(raw, inode_size, I_CHECKSUM_HI, 2) << 16;
+
+    PyObject *covered = PyBytes_FromStringAndSize(NULL, 8 + inode_size);
+    if (covered == NULL)
+        return NULL;
+    unsigned char *data = (unsigned char *)PyBytes_AS_STRING(covered);
+    for (int index = 0; index < 4; index++)
+        data[index] = (unsigned char)(number >> (8 * index));
+    memcpy(data + 4, raw + I_GENERATION, 4);
+    memcpy(data + 8, raw, (size_t)inode_size);
+    memset(data + 8 + I_CHECKSUM_LO, 0, 2);
+    if (has_hi)
+        memset(data + 8 + I_CHECKSUM_HI, 0, 2);
+
+    /* The package gives the standard CRC-32C, which inverts on entry and exit. The kernel's
+     * crc32c() continues a raw register, so both ends are inverted here. */
+    PyObject *start = PyLong_FromUnsignedLong(~seed & 0xFFFFFFFFUL);
+    if (start == NULL) {
+        Py_DECREF(covered);
+        return NULL;
+    }
+    PyObject *call_args[2] = {covered, start};
+    PyObject *standard = PyObject_Vectorcall(standard_crc32c, call_args, 2, NULL);
+    Py_DECREF(covered);
+    Py_DECREF(start);
+    if (standard == NULL)
+        return NULL;
+    unsigned long computed = PyLong_AsUnsignedLong(standard);
+    Py_DECREF(standard);
+    if (computed == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    computed = ~computed & 0xFFFFFFFFUL;
+    if (!has_hi)
+        computed &= 0xFFFF;
+    return Py_BuildValue("(kk)", (unsigned long)stored, computed);
+}
+
+/*
+ * The ns since the epoch of a signed 32-bit seconds field and its _extra field: 2 epoch
+ * bits above the seconds and 30 bits of nanoseconds, which read as 0 when out of range.
+ * Past year 2262 the ns do not fit 64 bits, so that rare case goes through Python ints.
+ */
+static PyObject *
+decode_time(uint32_t seconds_field, uint32_t extra)
+{
+    int64_t seconds = (int64_t)(int32_t)seconds_field;
+    int64_t nanoseconds = 0;
+
+    if (extra) {
+        seconds += (int64_t)(extra & EPOCH_MASK) << 32;
+        nanoseconds = extra >> EPOCH_BITS;
+        if (nanoseconds > NS_PER_SECOND - 1)
+            nanoseconds = 0;
+    }
+    if (seconds <= (INT64_MAX - nanoseconds) / NS_PER_SECOND)
+        return PyLong_FromLongLong(seconds * NS_PER_SECOND + nanoseconds);
+
+    PyObject *whole = PyLong_FromLongLong(seconds);
+    PyObject *scale = PyLong_FromLongLong(NS_PER_SECOND);
+    PyObject *fraction = PyLong_FromLongLong(nanoseconds);
+    PyObject *scaled = whole && scale ? PyNumber_Multiply(whole, scale) : NULL;
+    PyObject *result = scaled && fraction ? PyNumber_Add(scaled, fraction) : NULL;
+    Py_XDECREF(whole);
+    Py_XDECREF(scale);
+    Py_XDECREF(fraction);
+    Py_XDECREF(scaled);
+    return result;
+}
+
+/*
+ * decode(raw, inode_size) -> (mode, uid, gid, size, links, atime_ns, mtime_ns, ctime_ns,
+ *     crtime_ns, flags, extra_isize, has_inode_xattrs, xattr_block) or None
+ *
+ * None when i_extra_isize does not fit the inode or is not a multiple of 4. An _extra time
+ * field counts only where i_extra_isize covers it. Without i_crtime the creation time is
+ * the mtime.
+ */
+static PyObject *
+decode(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    const unsigned char *raw;
+    (void)module;
+
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "decode() takes 2 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    Py_ssize_t inode_size = PyLong_AsSsize_t(args[1]);
+    if (PyErr_Occurred() || inode_argument(args[0], inode_size, &raw) < 0)
+        return NULL;
+
+    Py_ssize_t length = inode_size;
+    uint32_t extra_isize = 0;
+    if (inode_size > GOOD_OLD_INODE_SIZE)
+        extra_isize = field(raw, length, I_EXTRA_ISIZE, 2);
+    if (extra_isize > (uint32_t)(inode_size - GOOD_OLD_INODE_SIZE) || extra_isize % 4)
+        Py_RETURN_NONE;
+
+    uint32_t mode = field(raw, length, I_MODE, 2);
+    uint32_t uid = field(raw, length, I_UID, 2) | field(raw, length, I_UID_HIGH, 2) << 16;
+    uint32_t gid = field(raw, length, I_GID, 2) | field(raw, length, I_GID_HIGH, 2) << 16;
+    uint64_t size = field(raw, length, I_SIZE_LO, 4)
+                    | (uint64_t)field(raw, length, I_SIZE_HIGH, 4) << 32;
+    uint32_t links = field(raw, length, I_LINKS_COUNT, 2);
+    uint32_t flags = field(raw, length, I_FLAGS, 4);
+    uint64_t xattr_block = field(raw, length, I_FILE_ACL_LO, 4)
+                           | (uint64_t)field(raw, length, I_FILE_ACL_HIGH, 2) << 32;
+
+    /* In-inode xattrs start with their magic right after the extra fields. */
+    Py_ssize_t xattr_start = GOOD_OLD_INODE_SIZE + extra_isize;
+    int has_inode_xattrs = inode_size > GOOD_OLD_INODE_SIZE && xattr_start + 4 <= inode_size
+                           && field(raw, length, xattr_start, 4) == XATTR_MAGIC;
+
+    PyObject *mtime = decode_time(field(raw, length, I_MTIME, 4),
+                                  extra_isize >= 12 ? field(raw, length, I_MTIME_EXTRA, 4) : 0);
+    PyObject *atime = decode_time(field(raw, length, I_ATIME, 4),
+                                  extra_isize >= 16 ? field(raw, length, I_ATIME_EXTRA, 4) : 0);
+    PyObject *ctime = decode_time(field(raw, length, I_CTIME, 4),
+                                  extra_isize >= 8 ? field(raw, length, I_CTIME_EXTRA, 4) : 0);
+    PyObject *crtime;
+    if (extra_isize >= 20) {
+        crtime = decode_time(field(raw, length, I_CRTIME, 4),
+                             extra_isize >= 24 ? field(raw, length, I_CRTIME_EXTRA, 4) : 0);
+    } else {
+        crtime = mtime;
+        Py_XINCREF(crtime);
+    }
+    PyObject *result = NULL;
+    if (mtime && atime && ctime && crtime) {
+        result = Py_BuildValue("(kkkKkOOOOkkOK)", (unsigned long)mode, (unsigned long)uid,
+                               (unsigned long)gid, (unsigned long long)size,
+                               (unsigned long)links, atime, mtime, ctime, crtime,
+                               (unsigned long)flags, (unsigned long)extra_isize,
+                               has_inode_xattrs ? Py_True : Py_False,
+                               (unsigned long long)xattr_block);
+    }
+    Py_XDECREF(mtime);
+    Py_XDECREF(atime);
+    Py_XDECREF(ctime);
+    Py_XDECREF(crtime);
+    return result;
+}
+
+/*
+ * extent_node(node) -> (depth, max_entries, items) or None
+ *
+ * A node of an extent tree: i_block or a tree block. For a leaf (depth 0) the items are
+ * (ee_block, physical block, length in blocks, initialized). In an index node they are the
+ * child blocks. None when eh_magic is wrong or eh_entries and eh_max do not fit the node.
+ */
+static PyObject *
+extent_node(PyObject *module, PyObject *node)
+{
+    (void)module;
+    if (!PyBytes_Check(node)) {
+        PyErr_Format(PyExc_TypeError, "invalid extent node: expected bytes, got %.100s",
+                     Py_TYPE(node)->tp_name);
+        return NULL;
+    }
+    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(node);
+    Py_ssize_t length = PyBytes_GET_SIZE(node);
+    if (length < EXTENT_ENTRY_SIZE)
+        Py_RETURN_NONE;
+
+    uint32_t magic = field(data, length, 0, 2);
+    uint32_t entries = field(data, length, 2, 2);
+    uint32_t max_entries = field(data, length, 4, 2);
+    uint32_t depth = field(data, length, 6, 2);
+    Py_ssize_t capacity = (length - EXTENT_ENTRY_SIZE) / EXTENT_ENTRY_SIZE;
+    if (magic != EXTENT_MAGIC || entries > max_entries || (Py_ssize_t)max_entries > capacity)
+        Py_RETURN_NONE;
+
+    PyObject *items = PyList_New(entries);
+    if (items == NULL)
+        return NULL;
+    for (uint32_t index = 0; index < entries; index++) {
+        Py_ssize_t offset = EXTENT_ENTRY_SIZE * (Py_ssize_t)(index + 1);
+        PyObject *item;
+        if (depth == 0) {
+            uint32_t logical = field(data, length, offset, 4);
+            uint32_t blocks = field(data, length, offset + 4, 2);
+            uint64_t physical = (uint64_t)field(data, length, offset + 6, 2) << 32
+                                | field(data, length, offset + 8, 4);
+            /* A length above 32768 marks an unwritten extent of length - 32768 blocks. */
+            int initialized = blocks <= EXT_INIT_MAX_LEN;
+            if (!initialized)
+                blocks -= EXT_INIT_MAX_LEN;
+            item = Py_BuildValue("(kKkO)", (unsigned long)logical, (unsigned long long)physical,
+                                 (unsigned long)blocks, initialized ? Py_True : Py_False);
+        } else {
+            uint64_t child = field(data, length, offset + 4, 4)
+                             | (uint64_t)field(data, length, offset + 8, 2) << 32;
+            item = PyLong_FromUnsignedLongLong(child);
+        }
+        if (item == NULL) {
+            Py_DECREF(items);
+            return NULL;
+        }
+        PyList_SET_ITEM(items, index, item);
+    }
+    return Py_BuildValue("(kkN)", (unsigned long)depth, (unsigned long)max_entries, items);
+}
+
+static PyMethodDef methods[] = {
+    {"checksums", (PyCFunction)(void (*)(void))checksums, METH_FASTCALL,
+     "checksums(raw, number, seed, inode_size) -> (stored, computed)\n--\n\n"
+     "Return an inode's stored checksum and the one its bytes give."},
+    {"decode", (PyCFunction)(void (*)(void))decode, METH_FASTCALL,
+     "decode(raw, inode_size) -> tuple | None\n--\n\n"
+     "Decode an inode's fields; None when i_extra_isize is invalid."},
+    {"extent_node", extent_node, METH_O,
+     "extent_node(node) -> (depth, max_entries, items) | None\n--\n\n"
+     "Parse a node of an extent tree; None when its header is invalid."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_definition = {
+    .m_base = PyModuleDef_HEAD_INIT,
+    .m_name = "lcow.ext4._inode",
+    .m_doc = "The ext4 reader's per-inode decoding, written in C.",
+    .m_size = -1,
+    .m_methods = methods,
+};
+
+PyMODINIT_FUNC
+PyInit__inode(void)
+{
+    PyObject *package = PyImport_ImportModule("crc32c");
+    if (package == NULL)
+        return NULL;
+    standard_crc32c = PyObject_GetAttrString(package, "crc32c");
+    Py_DECREF(package);
+    if (standard_crc32c == NULL)
+        return NULL;
+    return PyModule_Create(&module_definition);
+}

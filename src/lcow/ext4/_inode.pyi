@@ -1,0 +1,12 @@
+"""Types of the C extension lcow.ext4._inode (src/lcow/ext4/_inode.c)."""
+
+from typing import Any
+
+def checksums(raw: bytes, number: int, seed: int, inode_size: int, /) -> tuple[int, int]: ...
+def decode(
+    raw: bytes, inode_size: int, /
+) -> tuple[int, int, int, int, int, int, int, int, int, int, int, bool, int] | None: ...
+
+# The items are (ee_block, physical block, length, initialized) in a leaf (depth 0), and
+# child block numbers in an index node.
+def extent_node(node: bytes, /) -> tuple[int, int, list[Any]] | None: ...
