@@ -158,3 +158,65 @@ def test_extent_node_bad_headers() -> None:
     assert _inode.extent_node(too_many) is None
     assert _inode.extent_node(too_large) is None
     assert _inode.extent_node(b"\x0a\xf3") is None
+
+
+def expected_runs(
+    extents: list[tuple[int, int, int, int]], size: int, block_size: int, blocks_count: int
+) -> list[tuple[int, int, int]] | None:
+    """The data runs of a leaf in i_block, or None where an extent is out of order or place."""
+    previous_end = 0
+    for logical, length, hi, lo in extents:
+        blocks = length - 32768 if length > 32768 else length
+        physical = hi << 32 | lo
+        if logical < previous_end or physical == 0 or physical + blocks > blocks_count:
+            return None
+        previous_end = logical + blocks
+    runs = []
+    for logical, length, hi, lo in extents:
+        if length > 32768:
+            continue
+        start = logical * block_size
+        if start >= size:
+            break
+        runs.append((start, (hi << 32 | lo) * block_size, min(length * block_size, size - start)))
+    return runs
+
+
+@given(
+    extents=st.lists(
+        st.tuples(st.integers(0, 64), st.integers(1, 65535), st.integers(0, 1), st.integers(0, 99)),
+        max_size=4,
+    ),
+    size=st.integers(0, 300 * 4096),
+    blocks_count=st.integers(1, 1 << 33),
+)
+def test_inode_runs_match_leaf(
+    extents: list[tuple[int, int, int, int]], size: int, blocks_count: int
+) -> None:
+    raw = bytearray(256)
+    raw[0x04:0x08] = (size & 0xFFFFFFFF).to_bytes(4, "little")
+    raw[0x6C:0x70] = (size >> 32).to_bytes(4, "little")
+    raw[0x20:0x24] = int(fmt.InodeFlags.EXTENTS).to_bytes(4, "little")
+    node = fmt.EXTENT_HEADER.pack(fmt.EXT4_EXT_MAGIC, len(extents), 4, 0, 0)
+    node += b"".join(EXTENT.pack(*extent) for extent in extents)
+    raw[0x28 : 0x28 + len(node)] = node
+
+    runs = _inode.inode_runs(bytes(raw), 4096, blocks_count)
+
+    assert runs == expected_runs(extents, size, 4096, blocks_count)
+
+
+def test_inode_runs_leave_other_inodes() -> None:
+    leaf = fmt.EXTENT_HEADER.pack(fmt.EXT4_EXT_MAGIC, 1, 4, 0, 0) + EXTENT.pack(0, 1, 0, 9)
+    index = fmt.EXTENT_HEADER.pack(fmt.EXT4_EXT_MAGIC, 1, 4, 1, 0) + EXTENT.pack(0, 9, 0, 0)
+    cases = {
+        "block map": (0, leaf),
+        "inline data": (int(fmt.InodeFlags.EXTENTS | fmt.InodeFlags.INLINE_DATA), leaf),
+        "index node": (int(fmt.InodeFlags.EXTENTS), index),
+    }
+    for flags, node in cases.values():
+        raw = bytearray(256)
+        raw[0x04:0x08] = (4096).to_bytes(4, "little")
+        raw[0x20:0x24] = flags.to_bytes(4, "little")
+        raw[0x28 : 0x28 + len(node)] = node
+        assert _inode.inode_runs(bytes(raw), 4096, 100) is None

@@ -49,6 +49,11 @@
 #define I_CRTIME 0x90
 #define I_CRTIME_EXTRA 0x94
 
+#define I_BLOCK 0x28
+#define I_BLOCK_SIZE 60
+#define I_BLOCK_EXTENT_SLOTS 4
+#define EXTENTS_FL 0x80000U
+#define INLINE_DATA_FL 0x10000000U
 #define XATTR_MAGIC 0xEA020000U
 #define EXTENT_MAGIC 0xF30A
 #define EXTENT_ENTRY_SIZE 12
@@ -316,6 +321,95 @@ extent_node(PyObject *module, PyObject *node)
     return Py_BuildValue("(kkN)", (unsigned long)depth, (unsigned long)max_entries, items);
 }
 
+/*
+ * inode_runs(raw, block_size, blocks_count) -> [(offset, device offset, length), ...] or None
+ *
+ * Where a file's data lies, in bytes, for the common case only: an extent-mapped inode whose
+ * tree is a valid leaf in i_block, with extents in order and inside the filesystem. Runs
+ * skip unwritten extents and end at i_size. None for anything else (inline data, block
+ * maps, deeper trees, any invalid value), which the reader's general path then reads or
+ * rejects with its error message.
+ */
+static PyObject *
+inode_runs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "inode_runs() takes 3 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    if (!PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "invalid raw inode: expected bytes");
+        return NULL;
+    }
+    unsigned long long block_size = PyLong_AsUnsignedLongLong(args[1]);
+    unsigned long long blocks_count = PyLong_AsUnsignedLongLong(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    const unsigned char *raw = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    Py_ssize_t length = PyBytes_GET_SIZE(args[0]);
+    if (length < GOOD_OLD_INODE_SIZE)
+        Py_RETURN_NONE;
+
+    uint32_t flags = field(raw, length, I_FLAGS, 4);
+    if (!(flags & EXTENTS_FL) || (flags & INLINE_DATA_FL))
+        Py_RETURN_NONE;
+    uint64_t size = field(raw, length, I_SIZE_LO, 4)
+                    | (uint64_t)field(raw, length, I_SIZE_HIGH, 4) << 32;
+
+    const unsigned char *node = raw + I_BLOCK;
+    uint32_t entries = field(node, I_BLOCK_SIZE, 2, 2);
+    uint32_t max_entries = field(node, I_BLOCK_SIZE, 4, 2);
+    if (field(node, I_BLOCK_SIZE, 0, 2) != EXTENT_MAGIC || field(node, I_BLOCK_SIZE, 6, 2) != 0
+        || entries > max_entries || max_entries > I_BLOCK_EXTENT_SLOTS)
+        Py_RETURN_NONE;
+
+    /* Check every extent first, as the general path does, then build the runs. */
+    uint64_t previous_end = 0;
+    for (uint32_t index = 0; index < entries; index++) {
+        Py_ssize_t offset = EXTENT_ENTRY_SIZE * (Py_ssize_t)(index + 1);
+        uint64_t logical = field(node, I_BLOCK_SIZE, offset, 4);
+        uint64_t blocks = field(node, I_BLOCK_SIZE, offset + 4, 2);
+        uint64_t physical = (uint64_t)field(node, I_BLOCK_SIZE, offset + 6, 2) << 32
+                            | field(node, I_BLOCK_SIZE, offset + 8, 4);
+        if (blocks > EXT_INIT_MAX_LEN)
+            blocks -= EXT_INIT_MAX_LEN;
+        if (logical < previous_end || physical == 0 || physical + blocks > blocks_count)
+            Py_RETURN_NONE;
+        previous_end = logical + blocks;
+    }
+
+    PyObject *runs = PyList_New(0);
+    if (runs == NULL)
+        return NULL;
+    for (uint32_t index = 0; index < entries; index++) {
+        Py_ssize_t offset = EXTENT_ENTRY_SIZE * (Py_ssize_t)(index + 1);
+        uint64_t logical = field(node, I_BLOCK_SIZE, offset, 4);
+        uint64_t blocks = field(node, I_BLOCK_SIZE, offset + 4, 2);
+        uint64_t physical = (uint64_t)field(node, I_BLOCK_SIZE, offset + 6, 2) << 32
+                            | field(node, I_BLOCK_SIZE, offset + 8, 4);
+        if (blocks > EXT_INIT_MAX_LEN)
+            continue; /* unwritten: reads as zeros */
+        uint64_t start = logical * block_size;
+        if (start >= size)
+            break;
+        uint64_t run_length = blocks * block_size;
+        if (run_length > size - start)
+            run_length = size - start;
+        PyObject *run = Py_BuildValue("(KKK)", (unsigned long long)start,
+                                      (unsigned long long)(physical * block_size),
+                                      (unsigned long long)run_length);
+        if (run == NULL || PyList_Append(runs, run) < 0) {
+            Py_XDECREF(run);
+            Py_DECREF(runs);
+            return NULL;
+        }
+        Py_DECREF(run);
+    }
+    return runs;
+}
+
 static PyMethodDef methods[] = {
     {"checksums", (PyCFunction)(void (*)(void))checksums, METH_FASTCALL,
      "checksums(raw, number, seed, inode_size) -> (stored, computed)\n--\n\n"
@@ -323,6 +417,9 @@ static PyMethodDef methods[] = {
     {"decode", (PyCFunction)(void (*)(void))decode, METH_FASTCALL,
      "decode(raw, inode_size) -> tuple | None\n--\n\n"
      "Decode an inode's fields; None when i_extra_isize is invalid."},
+    {"inode_runs", (PyCFunction)(void (*)(void))inode_runs, METH_FASTCALL,
+     "inode_runs(raw, block_size, blocks_count) -> list | None\n--\n\n"
+     "Return a file's data runs when its extent tree is a valid leaf in the inode."},
     {"extent_node", extent_node, METH_O,
      "extent_node(node) -> (depth, max_entries, items) | None\n--\n\n"
      "Parse a node of an extent tree; None when its header is invalid."},

@@ -10,3 +10,6 @@ def decode(
 # The items are (ee_block, physical block, length, initialized) in a leaf (depth 0), and
 # child block numbers in an index node.
 def extent_node(node: bytes, /) -> tuple[int, int, list[Any]] | None: ...
+def inode_runs(
+    raw: bytes, block_size: int, blocks_count: int, /
+) -> list[tuple[int, int, int]] | None: ...

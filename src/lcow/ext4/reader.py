@@ -542,12 +542,16 @@ class Ext4Reader:
         Returns None when the content is inline data in the inode, which read_data() reads.
         """
         raw = self._raw_inode(number)
+        runs = _inode.inode_runs(raw, self.block_size, self.blocks_count)
+        if runs is not None:
+            return runs  # most files: a valid leaf of extents in the inode
+
         _mode, size_lo, flags, generation, size_high = _INODE_DATA_FIELDS.unpack_from(raw)
         if flags & _EXT4_INLINE_DATA_FL:
             return None
         size = size_lo | size_high << 32
         block_size = self.block_size
-        runs: list[tuple[int, int, int]] = []
+        runs = []
         for logical, physical, length, initialized in self._extents(
             number, raw, size, flags, generation
         ):
