@@ -7,6 +7,7 @@ the kernel's ext4_decode_extra_time() and the layout of struct ext4_inode.
 import struct
 from typing import Final
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -220,3 +221,53 @@ def test_inode_runs_leave_other_inodes() -> None:
         raw[0x20:0x24] = flags.to_bytes(4, "little")
         raw[0x28 : 0x28 + len(node)] = node
         assert _inode.inode_runs(bytes(raw), 4096, 100) is None
+
+
+def dir_entry(inode: int, name: bytes, rec_len: int, file_type: int = 1) -> bytes:
+    return fmt.DIR_ENTRY_HEADER.pack(inode, rec_len, len(name), file_type) + name.ljust(
+        rec_len - 8, b"\0"
+    )
+
+
+def test_dir_entries_skip_dots_and_unused() -> None:
+    block = (
+        dir_entry(2, b".", 12, 2)
+        + dir_entry(2, b"..", 12, 2)
+        + dir_entry(0, b"gone", 16)
+        + dir_entry(12, b"kept-file", 20)
+        + dir_entry(13, b"last", 4096 - 60, 2)
+    )
+
+    assert _inode.dir_entries(block, 0, 4096, 4096) == [(b"kept-file", 12, 1), (b"last", 13, 2)]
+
+
+def test_dir_entries_stop_at_end() -> None:
+    block = dir_entry(12, b"a", 12) + dir_entry(13, b"b", 12)
+
+    assert _inode.dir_entries(block, 0, 12, 4096) == [(b"a", 12, 1)]
+
+
+def test_dir_entries_name_bad_rec_len() -> None:
+    cases = {
+        "shorter than its name": dir_entry(12, b"long-name", 12)[:12] + bytes(4084),
+        "not a multiple of 4": fmt.DIR_ENTRY_HEADER.pack(12, 14, 1, 1) + bytes(4088),
+        "past the end": fmt.DIR_ENTRY_HEADER.pack(12, 8192, 1, 1) + bytes(4088),
+    }
+    for block in cases.values():
+        rec_len = int.from_bytes(block[4:6], "little")
+        with pytest.raises(ValueError, match=f"^an entry at byte 0 with rec_len {rec_len}$"):
+            _inode.dir_entries(block, 0, 4096, 4096)
+
+
+def test_dir_entries_name_invalid_names() -> None:
+    for name in (b"a/b", b"a\0b"):
+        block = dir_entry(12, name, 4096)
+        with pytest.raises(ValueError, match=r"^the invalid name ") as raised:
+            _inode.dir_entries(block, 0, 4096, 4096)
+        assert str(raised.value) == f"the invalid name {name!r}"
+
+
+def test_dir_entries_whole_64k_block() -> None:
+    block = fmt.DIR_ENTRY_HEADER.pack(12, 0, 1, 1) + b"x" + bytes(65536 - 9)
+
+    assert _inode.dir_entries(block, 0, 65536, 65536) == [(b"x", 12, 1)]

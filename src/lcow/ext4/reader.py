@@ -602,11 +602,14 @@ class Ext4Reader:
     # Directories ---------------------------------------------------------------------------
 
     def iterdir(self, number: int) -> Iterator[tuple[bytes, int, int]]:
-        """Yield (name, inode number, file type) of a directory, without ``.`` and ``..``."""
-        yield from self._iterdir(number, self.inode(number))
+        """Iterate over (name, inode number, file type) of a directory, without . and ..
 
-    def _iterdir(self, number: int, info: InodeInfo) -> Iterator[tuple[bytes, int, int]]:
-        """Yield the entries of directory ``number``, whose inode ``info`` is already decoded."""
+        The directory is read whole before the first entry comes.
+        """
+        return iter(self._entries_of(number, self.inode(number)))
+
+    def _entries_of(self, number: int, info: InodeInfo) -> list[tuple[bytes, int, int]]:
+        """Return the entries of directory ``number``, whose inode ``info`` is decoded."""
         raw = self._raw_inode(number)
         size, flags = info.size, info.flags
         if info.file_type != fmt.S_IFDIR:
@@ -614,11 +617,11 @@ class Ext4Reader:
         if flags & _EXT4_INLINE_DATA_FL:
             data = self._inline_data(number, raw, info)
             # Inline directories start with the parent's inode number instead of "." and "..".
-            yield from self._parse_dirents(number, data, 4, len(data))
-            return
+            return self._parse_dirents(number, data, 4, len(data))
         generation = int.from_bytes(raw[0x64:0x68], "little")
         seed = self._inode_seed(number, generation)
         block_size = self.block_size
+        entries: list[tuple[bytes, int, int]] = []
         for logical, physical, length, initialized in self._extents(
             number, raw, size, flags, generation
         ):
@@ -626,13 +629,14 @@ class Ext4Reader:
                 continue
             for index in range(length):
                 if (logical + index) * block_size >= size:
-                    return
+                    return entries
                 block = self.read_block(physical + index)
                 if self._is_index_block(block, logical + index, flags):
                     # htree index blocks hold no names; entry blocks follow as plain ones.
                     self._verify_index_block(number, block, seed, logical + index)
                     continue
-                yield from self._dir_block(number, block, seed, flags)
+                entries += self._dir_block(number, block, seed, flags)
+        return entries
 
     def _is_index_block(self, block: bytes, logical: int, flags: int) -> bool:
         """Tell an htree index block: the root at block 0, or a node that looks empty."""
@@ -667,7 +671,7 @@ class Ext4Reader:
 
     def _dir_block(
         self, number: int, block: bytes, seed: int, flags: int
-    ) -> Iterator[tuple[bytes, int, int]]:
+    ) -> list[tuple[bytes, int, int]]:
         block_size = self.block_size
         tail_offset = block_size - fmt.DIR_ENTRY_TAIL.size
         has_tail = False
@@ -687,29 +691,15 @@ class Ext4Reader:
             elif not flags & _EXT4_INDEX_FL:
                 raise self._corrupt(f"directory inode {number} has a block without a checksum tail")
         end = tail_offset if has_tail else block_size
-        yield from self._parse_dirents(number, block, 0, end)
+        return self._parse_dirents(number, block, 0, end)
 
     def _parse_dirents(
         self, number: int, data: bytes, offset: int, end: int
-    ) -> Iterator[tuple[bytes, int, int]]:
-        while offset + fmt.DIR_ENTRY_HEADER.size <= end:
-            inode, rec_len, name_len, file_type = fmt.DIR_ENTRY_HEADER.unpack_from(data, offset)
-            if rec_len in (0, 65535) and self.block_size == 65536:
-                rec_len = 65536
-            if (
-                rec_len < fmt.DIR_ENTRY_HEADER.size + name_len
-                or rec_len % 4
-                or offset + rec_len > end
-            ):
-                raise self._corrupt(
-                    f"directory inode {number} has an entry at byte {offset} with rec_len {rec_len}"
-                )
-            name = data[offset + 8 : offset + 8 + name_len]
-            if inode and name not in (b".", b".."):
-                if not name or b"/" in name or b"\0" in name:
-                    raise self._corrupt(f"directory inode {number} has the invalid name {name!r}")
-                yield name, inode, file_type
-            offset += rec_len
+    ) -> list[tuple[bytes, int, int]]:
+        try:
+            return _inode.dir_entries(data, offset, end, self.block_size)
+        except ValueError as err:
+            raise self._corrupt(f"directory inode {number} has {err}") from None
 
     def lookup(self, path: bytes) -> int:
         """Return the inode number at ``path`` (relative to the root; symlinks not followed)."""
@@ -748,4 +738,4 @@ class Ext4Reader:
                 if child in seen_directories:
                     raise self._corrupt(f"directory inode {child} is reachable twice (a loop)")
                 seen_directories.add(child)
-                stack.append((path + b"/", iter(sorted(self._iterdir(child, info)))))
+                stack.append((path + b"/", iter(sorted(self._entries_of(child, info)))))
