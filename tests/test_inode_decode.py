@@ -5,7 +5,7 @@ the kernel's ext4_decode_extra_time() and the layout of struct ext4_inode.
 """
 
 import struct
-from typing import Final
+from typing import Any, Final
 
 import pytest
 from hypothesis import given
@@ -271,3 +271,112 @@ def test_dir_entries_whole_64k_block() -> None:
     block = fmt.DIR_ENTRY_HEADER.pack(12, 0, 1, 1) + b"x" + bytes(65536 - 9)
 
     assert _inode.dir_entries(block, 0, 65536, 65536) == [(b"x", 12, 1)]
+
+
+PACK_ORDER: Final = (
+    "number",
+    "seed",
+    "mode",
+    "uid",
+    "gid",
+    "size",
+    "links",
+    "sectors",
+    "flags",
+    "i_block",
+    "xattr_block",
+    "mtime",
+    "mtime_extra",
+    "atime",
+    "atime_extra",
+    "ctime",
+    "ctime_extra",
+    "crtime",
+    "crtime_extra",
+    "inline_xattrs",
+)
+PACK_FIELDS: Final = st.fixed_dictionaries(
+    {
+        "number": st.integers(1, 2**32 - 1),
+        "seed": U32,
+        "mode": U16,
+        "uid": U32,
+        "gid": U32,
+        "size": st.integers(0, 2**64 - 1),
+        "links": U16,
+        "sectors": st.integers(0, 2**48 - 1),
+        "flags": U32,
+        "i_block": st.binary(max_size=60),
+        "xattr_block": st.integers(0, 2**48 - 1),
+        "mtime": U32,
+        "mtime_extra": U32,
+        "atime": U32,
+        "atime_extra": U32,
+        "ctime": U32,
+        "ctime_extra": U32,
+        "crtime": U32,
+        "crtime_extra": U32,
+        "inline_xattrs": st.one_of(st.none(), st.binary(min_size=96, max_size=96)),
+    }
+)
+
+
+def packed_by_struct(fields: dict[str, Any]) -> bytes:
+    """Pack the inode with struct ext4_inode's layout and add ext4_inode_csum()."""
+    values = {
+        "i_mode": fields["mode"],
+        "i_uid": fields["uid"] & 0xFFFF,
+        "i_size_lo": fields["size"] & 0xFFFFFFFF,
+        "i_atime": fields["atime"],
+        "i_ctime": fields["ctime"],
+        "i_mtime": fields["mtime"],
+        "i_gid": fields["gid"] & 0xFFFF,
+        "i_links_count": fields["links"],
+        "i_blocks_lo": fields["sectors"] & 0xFFFFFFFF,
+        "i_flags": fields["flags"],
+        "i_block": fields["i_block"],
+        "i_file_acl_lo": fields["xattr_block"] & 0xFFFFFFFF,
+        "i_size_high": fields["size"] >> 32,
+        "l_i_blocks_high": fields["sectors"] >> 32,
+        "l_i_file_acl_high": fields["xattr_block"] >> 32,
+        "l_i_uid_high": fields["uid"] >> 16,
+        "l_i_gid_high": fields["gid"] >> 16,
+        "i_extra_isize": 32,
+        "i_ctime_extra": fields["ctime_extra"],
+        "i_mtime_extra": fields["mtime_extra"],
+        "i_atime_extra": fields["atime_extra"],
+        "i_crtime": fields["crtime"],
+        "i_crtime_extra": fields["crtime_extra"],
+    }
+    inode = bytearray(
+        fmt.INODE.pack(
+            *(values.get(name, b"" if code == "60s" else 0) for name, code in fmt.INODE_FIELDS)
+        )
+    )
+    inode += fields["inline_xattrs"] or bytes(96)
+    inode_seed = crc32c_raw(fields["seed"], fields["number"].to_bytes(4, "little") + bytes(4))
+    checksum = crc32c_raw(inode_seed, inode)
+    inode[0x7C:0x7E] = (checksum & 0xFFFF).to_bytes(2, "little")
+    inode[0x82:0x84] = (checksum >> 16).to_bytes(2, "little")
+    return bytes(inode)
+
+
+@given(fields=PACK_FIELDS, slot=st.integers(0, 3))
+def test_pack_inode_matches_layout(fields: dict[str, Any], slot: int) -> None:
+    table = bytearray(4 * 256)
+
+    _inode.pack_inode(table, slot * 256, *(fields[name] for name in PACK_ORDER))
+
+    assert table[slot * 256 : slot * 256 + 256] == packed_by_struct(fields)
+    assert not any(table[: slot * 256])
+    assert not any(table[slot * 256 + 256 :])
+
+
+def test_pack_inode_rejects_overflowing_slot() -> None:
+    arguments = (1, 0, 0o100644, 0, 0, 0, 1, 0, 0, b"", 0, 0, 0, 0, 0, 0, 0, 0, 0, None)
+    with pytest.raises(ValueError, match="does not fit its slot"):
+        _inode.pack_inode(bytearray(256), 1, *arguments)
+    with pytest.raises(ValueError, match="does not fit its slot"):
+        _inode.pack_inode(
+            bytearray(512), 0, 1, 0, 0o100644, 0, 0, 0, 1, 0, 0, bytes(61), *arguments[10:]
+        )

@@ -16,3 +16,28 @@ def inode_runs(
 def dir_entries(
     data: bytes, offset: int, end: int, block_size: int, /
 ) -> list[tuple[bytes, int, int]]: ...
+def pack_inode(
+    table: bytearray,
+    offset: int,
+    number: int,
+    seed: int,
+    mode: int,
+    uid: int,
+    gid: int,
+    size: int,
+    links: int,
+    sectors: int,
+    flags: int,
+    i_block: bytes,
+    xattr_block: int,
+    mtime: int,
+    mtime_extra: int,
+    atime: int,
+    atime_extra: int,
+    ctime: int,
+    ctime_extra: int,
+    crtime: int,
+    crtime_extra: int,
+    inline_xattrs: bytes | None,
+    /,
+) -> None: ...

@@ -23,6 +23,7 @@ from typing import Final
 
 from lcow.clone import set_size
 from lcow.errors import InvalidArgumentError, UnsupportedError
+from lcow.ext4 import _inode
 from lcow.ext4 import format as fmt
 from lcow.ext4 import xattr as xattr_codec
 from lcow.ext4.checksum import crc32c_raw, filesystem_seed
@@ -44,8 +45,6 @@ _FAST_SYMLINK_MAX_BYTES: Final = fmt.INODE_BLOCK_SIZE_BYTES - 1  # the target ke
 _ZERO_BLOCK: Final = bytes(BLOCK)
 
 # Bound once for the per-inode and per-entry loops of close().
-_INODE_PACK_INTO: Final = fmt.INODE.pack_into
-_U16_PACK_INTO: Final = struct.Struct("<H").pack_into
 _EXTENT_LENGTH: Final = struct.Struct("<H")
 _EXTENTS_FL: Final = int(fmt.InodeFlags.EXTENTS)
 _FILE_TYPE_BY_MODE: Final = {mode: int(kind) for mode, kind in fmt.FILE_TYPE_BY_MODE.items()}
@@ -1011,7 +1010,6 @@ class _Finisher:
             bitmap[index >> 3] |= 1 << (index & 7)
             used_here += 1
 
-        table_view = memoryview(table)
         pack_inode = self._pack_inode
         last = min(first + inodes_per_group, len(inodes))
         for number in range(first, last):
@@ -1024,7 +1022,7 @@ class _Finisher:
                 used_here += 1
             if inode.mode & _S_IFMT == _S_IFDIR:
                 used_dirs += 1
-            pack_inode(table_view, index * fmt.INODE_SIZE_BYTES, inode)
+            pack_inode(table, index * fmt.INODE_SIZE_BYTES, inode)
 
         # e2fsck requires the bits past the last inode of the bitmap block to be set.
         full_bytes_from = -(-inodes_per_group // 8)
@@ -1033,7 +1031,7 @@ class _Finisher:
         bitmap[full_bytes_from:] = b"\xff" * (BLOCK - full_bytes_from)
         return table, bitmap, used_here, used_dirs
 
-    def _pack_inode(self, table: memoryview, offset: int, inode: Inode) -> None:
+    def _pack_inode(self, table: bytearray, offset: int, inode: Inode) -> None:
         """Encode ``inode`` into the zeroed slot at ``offset`` of ``table``, checksum included."""
         number = inode.number
         mode = inode.mode
@@ -1068,53 +1066,30 @@ class _Finisher:
             ctime, ctime_extra = encode_time(ctime_ns)
             crtime, crtime_extra = encode_time(crtime_ns)
 
-        size = inode.size
-        uid = inode.uid
-        gid = inode.gid
-        xattr_block = self.xattr_block.get(number, 0)
-        _INODE_PACK_INTO(
+        _inode.pack_inode(
             table,
             offset,
+            number,
+            self.seed,
             mode,
-            uid & 0xFFFF,
-            size & 0xFFFFFFFF,
-            atime,
-            ctime,
-            mtime,
-            0,
-            gid & 0xFFFF,
+            inode.uid,
+            inode.gid,
+            inode.size,
             links,
-            sectors & 0xFFFFFFFF,
+            sectors,
             flags,
-            0,
             i_block,
-            0,
-            xattr_block & 0xFFFFFFFF,
-            size >> 32,
-            0,
-            sectors >> 32,
-            xattr_block >> 32,
-            uid >> 16,
-            gid >> 16,
-            0,
-            0,
-            fmt.EXTRA_ISIZE_BYTES,
-            0,
-            ctime_extra,
+            self.xattr_block.get(number, 0),
+            mtime,
             mtime_extra,
+            atime,
             atime_extra,
+            ctime,
+            ctime_extra,
             crtime,
             crtime_extra,
-            0,
-            0,
+            self.inline_xattrs.get(number),
         )
-        end = offset + fmt.INODE_SIZE_BYTES
-        inline = self.inline_xattrs.get(number)
-        if inline:
-            table[offset + fmt.INODE_XATTR_OFFSET : end] = inline
-        checksum = crc32c_raw(self._inode_seed(number), table[offset:end])
-        _U16_PACK_INTO(table, offset + fmt.INODE_CHECKSUM_LO_OFFSET, checksum & 0xFFFF)
-        _U16_PACK_INTO(table, offset + fmt.INODE_CHECKSUM_HI_OFFSET, checksum >> 16)
 
     def _superblock(
         self,
