@@ -8,6 +8,7 @@ scratch disk, temporary file or descriptor may outlive the operation. The kernel
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import io
 import os
@@ -230,6 +231,20 @@ def test_diff_worker_until_close(safe_driver: Driver) -> None:
 
     assert driver.service_vms.running_names() == []
     assert suite.scratch_disks(driver.root) == []
+
+
+def test_diff_stream_pipe_size(safe_driver: Driver) -> None:
+    driver = safe_driver
+    driver.create("base")
+    driver.apply_diff("base", None, small_layer())
+
+    with driver.diff("base", None) as diff:
+        pipe_bytes = fcntl.fcntl(diff.fileno(), fcntl.F_GETPIPE_SZ)
+        content = diff.read()
+
+    assert pipe_bytes == driver_module.TAR_PIPE_BYTES
+    with tarfile.open(fileobj=io.BytesIO(content)) as archive:
+        assert archive.getnames()
 
 
 def scheduling_policies(service_vm: ServiceVM) -> set[int]:
