@@ -73,7 +73,7 @@ RESERVED_IDS: Final = frozenset({"cache", "scratch"})
 TEMPORARY_SUFFIX: Final = ".tmp"
 LAYER_ID: Final = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 FEED_CHUNK_BYTES: Final = 1 << 20
-# A pipe holds 64 KiB by default, so a 50 MB tar crosses it in about 800 rounds of the
+# A pipe buffers 64 KiB by default, so a 50 MB tar crosses it in about 800 rounds of the
 # writer filling it and the reader emptying it. 1 MiB, the kernel's default pipe-max-size,
 # cuts the rounds 16-fold.
 TAR_PIPE_BYTES: Final = 1 << 20
@@ -799,7 +799,7 @@ def tar_pipe() -> tuple[int, int]:
     """Open a pipe for a layer's tar stream, of TAR_PIPE_BYTES where the kernel allows it."""
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     with contextlib.suppress(OSError):
-        # Past the user's pipe limits the kernel refuses (EPERM), and 64 KiB still work.
+        # Past the user's pipe limits the kernel rejects the size (EPERM). 64 KiB still work.
         fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, TAR_PIPE_BYTES)
     return read_end, write_end
 
