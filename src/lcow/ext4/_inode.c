@@ -176,7 +176,8 @@ checksums(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (PyErr_Occurred() || inode_argument(args[0], inode_size, &raw) < 0)
         return NULL;
 
-    int has_hi = inode_size > GOOD_OLD_INODE_SIZE && field(raw, inode_size, I_EXTRA_ISIZE, 2) >= 4;
+    /* i_checksum_hi counts where i_extra_isize covers it and the inode is long enough. */
+    int has_hi = inode_size >= I_CHECKSUM_HI + 2 && field(raw, inode_size, I_EXTRA_ISIZE, 2) >= 4;
     uint32_t stored = field(raw, inode_size, I_CHECKSUM_LO, 2);
     if (has_hi)
         stored |= field(raw, inode_size, I_CHECKSUM_HI, 2) << 16;
