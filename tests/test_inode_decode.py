@@ -4,7 +4,10 @@ The inodes are packed with struct from random field values, and the expected val
 the kernel's ext4_decode_extra_time() and the layout of struct ext4_inode.
 """
 
+import os
 import struct
+import subprocess
+import sys
 from typing import Any, Final
 
 import pytest
@@ -380,3 +383,26 @@ def test_pack_inode_rejects_overflowing_slot() -> None:
         _inode.pack_inode(
             bytearray(512), 0, 1, 0, 0o100644, 0, 0, 0, 1, 0, 0, bytes(61), *arguments[10:]
         )
+
+
+def test_pack_inode_under_debug_allocator() -> None:
+    """Run pack_inode() where freed memory is overwritten, so a read after a free shows."""
+    fields = dict.fromkeys(PACK_ORDER, 7) | {"i_block": b"target", "inline_xattrs": None}
+    arguments = [fields[name] for name in PACK_ORDER]
+    script = (
+        "import sys; from lcow.ext4 import _inode\n"
+        "table = bytearray(256)\n"
+        f"_inode.pack_inode(table, 0, *{arguments!r})\n"
+        "sys.stdout.write(table.hex())\n"
+    )
+
+    child = subprocess.run(
+        [sys.executable, "-X", "dev", "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONMALLOC": "debug"},
+        timeout=60,
+    )
+
+    assert bytes.fromhex(child.stdout) == packed_by_struct(fields)

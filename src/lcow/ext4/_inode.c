@@ -10,7 +10,8 @@
  * and its checksum, which took about 12 % of converting the same layer through struct.
  *
  * The checks and error messages stay in lcow.ext4.reader. These functions return what the
- * bytes contain, or None where a header cannot be parsed. CRC32C is the crc32c package's.
+ * bytes contain, or None where a header cannot be parsed, and dir_entries() raises a
+ * ValueError whose text the reader's message completes. CRC32C is the crc32c package's.
  *
  * Reference: the kernel's ext4 disk-layout documentation and fs/ext4/ext4.h.
  */
@@ -648,14 +649,16 @@ pack_inode(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         memcpy(inode + PACKED_XATTR_OFFSET, PyBytes_AS_STRING(args[PACK_INLINE_XATTRS]),
                (size_t)xattrs_length);
 
+    /* ``inode`` points into ``covered``, which is released only after the last use. */
     uint64_t checksum;
-    int status = raw_crc32c(covered, values[PACK_SEED], &checksum);
-    Py_DECREF(covered);
-    if (status < 0)
+    if (raw_crc32c(covered, values[PACK_SEED], &checksum) < 0) {
+        Py_DECREF(covered);
         return NULL;
+    }
     put(inode + I_CHECKSUM_LO, checksum & 0xFFFF, 2);
     put(inode + I_CHECKSUM_HI, checksum >> 16, 2);
     memcpy(PyByteArray_AS_STRING(args[PACK_TABLE]) + offset, inode, PACKED_INODE_SIZE);
+    Py_DECREF(covered);
     Py_RETURN_NONE;
 }
 

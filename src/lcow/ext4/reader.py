@@ -702,7 +702,11 @@ class Ext4Reader:
             raise self._corrupt(f"directory inode {number} has {err}") from None
 
     def lookup(self, path: bytes) -> int:
-        """Return the inode number at ``path`` (relative to the root; symlinks not followed)."""
+        """Return the inode number at ``path`` (relative to the root; symlinks not followed).
+
+        Each directory on the way is read whole, so a corrupt entry anywhere in it raises,
+        also after the name looked for.
+        """
         number = fmt.EXT4_ROOT_INO
         for name in path.split(b"/"):
             if name in (b"", b"."):

@@ -115,9 +115,9 @@ is_ascii(const char *data, Py_ssize_t length)
  * Write the ustar field form of a name that a PAX record carries in full: tarfile decodes
  * it with surrogateescape and encodes it to ASCII with "?" for each other character, so
  * each valid non-ASCII sequence and each byte outside one becomes one "?". At most 100
- * characters are kept.
+ * characters are kept. Returns how many were written.
  */
-static void
+static Py_ssize_t
 ustar_text(char *field, const char *data, Py_ssize_t length)
 {
     const unsigned char *bytes = (const unsigned char *)data;
@@ -132,6 +132,7 @@ ustar_text(char *field, const char *data, Py_ssize_t length)
         field[written++] = '?';
         position += step ? step : 1;
     }
+    return written; /* a NUL in the value stays in the field, as tarfile keeps it */
 }
 
 /* Write the decimal digits of ``value`` at ``text`` and return how many. With snprintf for
@@ -285,6 +286,11 @@ split_time(PyObject *time_ns, long long *seconds, long long *nanoseconds)
     Py_DECREF(divisor);
     if (pair == NULL)
         return -1;
+    if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+        Py_DECREF(pair);
+        PyErr_SetString(PyExc_TypeError, "invalid mtime_ns: divmod() did not give a pair");
+        return -1;
+    }
     *seconds = PyLong_AsLongLong(PyTuple_GET_ITEM(pair, 0));
     *nanoseconds = PyLong_AsLongLong(PyTuple_GET_ITEM(pair, 1));
     Py_DECREF(pair);
@@ -430,17 +436,13 @@ header(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t name_field_length = name_length, linkname_field_length = linkname_length;
     if (name_length > NAME_FIELD || !is_ascii(name, name_length)) {
         records[count++] = (struct record){"path", 4, name, name_length};
-        memset(name_field, 0, sizeof(name_field));
-        ustar_text(name_field, name, name_length);
         name_in_field = name_field;
-        name_field_length = (Py_ssize_t)strnlen(name_field, NAME_FIELD);
+        name_field_length = ustar_text(name_field, name, name_length);
     }
     if (linkname_length > NAME_FIELD || !is_ascii(linkname, linkname_length)) {
         records[count++] = (struct record){"linkpath", 8, linkname, linkname_length};
-        memset(linkname_field, 0, sizeof(linkname_field));
-        ustar_text(linkname_field, linkname, linkname_length);
         linkname_in_field = linkname_field;
-        linkname_field_length = (Py_ssize_t)strnlen(linkname_field, NAME_FIELD);
+        linkname_field_length = ustar_text(linkname_field, linkname, linkname_length);
     }
 
     char uid_text[24], gid_text[24], size_text[24];
