@@ -503,10 +503,10 @@ dir_entries(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (inode && !is_dot) {
             if (name_len == 0 || memchr(name, '/', (size_t)name_len)
                 || memchr(name, '\0', (size_t)name_len)) {
-                PyObject *shown = PyBytes_FromStringAndSize(name, name_len);
-                if (shown != NULL) {
-                    PyErr_Format(PyExc_ValueError, "the invalid name %R", shown);
-                    Py_DECREF(shown);
+                PyObject *invalid_name = PyBytes_FromStringAndSize(name, name_len);
+                if (invalid_name != NULL) {
+                    PyErr_Format(PyExc_ValueError, "the invalid name %R", invalid_name);
+                    Py_DECREF(invalid_name);
                 }
                 goto error;
             }
