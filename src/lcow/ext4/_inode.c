@@ -369,11 +369,11 @@ extent_node(PyObject *module, PyObject *node)
 /*
  * inode_runs(raw, block_size, blocks_count) -> [(offset, device offset, length), ...] or None
  *
- * Where a file's data lies, in bytes, for the common case only: an extent-mapped inode whose
- * tree is a valid leaf in i_block, with extents in order and inside the filesystem. Runs
- * skip unwritten extents and end at i_size. None for anything else (inline data, block
- * maps, deeper trees, any invalid value), which the reader's general path then reads or
- * rejects with its error message.
+ * Return where a file's data lies, in bytes, for the common case only. That is an
+ * extent-mapped inode whose tree is a valid leaf in i_block, with extents in order and
+ * inside the filesystem. Runs skip unwritten extents and end at i_size. Anything else
+ * (inline data, block maps, deeper trees, any invalid value) gives None, and the reader's
+ * general path then reads it or rejects it with its own error message.
  */
 static PyObject *
 inode_runs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -451,8 +451,8 @@ inode_runs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 /*
  * dir_entries(data, offset, end, block_size) -> [(name, inode, file_type), ...]
  *
- * The entries (ext4_dir_entry_2) of data[offset:end], without "." and ".." and without the
- * unused ones (inode 0). A rec_len that cannot contain its name, is not a multiple of 4 or
+ * Return the entries (ext4_dir_entry_2) of data[offset:end], without "." and ".." and
+ * without the unused ones (inode 0). A rec_len that cannot contain its name, is not a multiple of 4 or
  * runs past ``end`` raises ValueError, and so does a name that is empty or contains "/" or
  * NUL. The error's text completes the reader's message "directory inode N has ...".
  */
@@ -679,7 +679,7 @@ static PyMethodDef methods[] = {
      "Write an inode and its checksum into a zeroed slot of an inode table."},
     {"dir_entries", (PyCFunction)(void (*)(void))dir_entries, METH_FASTCALL,
      "dir_entries(data, offset, end, block_size) -> list\n--\n\n"
-     "Parse the directory entries of data[offset:end]; ValueError names a bad one."},
+     "Parse the directory entries of data[offset:end]. A bad one raises ValueError."},
     {"extent_node", extent_node, METH_O,
      "extent_node(node) -> (depth, max_entries, items) | None\n--\n\n"
      "Parse a node of an extent tree; None when its header is invalid."},

@@ -47,8 +47,9 @@ struct record {
 };
 
 /*
- * The length of the UTF-8 sequence at data[0], as Python's strict decoder accepts it, or 0
- * where none starts: overlong forms, surrogates and code points past U+10FFFF are invalid.
+ * Return the length of the UTF-8 sequence at data[0] as Python's strict decoder accepts it,
+ * or 0 where none starts. Overlong forms, surrogates and code points past U+10FFFF are
+ * invalid.
  */
 static Py_ssize_t
 utf8_sequence_length(const unsigned char *data, Py_ssize_t available)
@@ -112,10 +113,10 @@ is_ascii(const char *data, Py_ssize_t length)
 }
 
 /*
- * Write the ustar field form of a name that a PAX record carries in full: tarfile decodes
- * it with surrogateescape and encodes it to ASCII with "?" for each other character, so
- * each valid non-ASCII sequence and each byte outside one becomes one "?". At most 100
- * characters are kept. Returns how many were written.
+ * Write the ustar field form of a name that a PAX record carries in full, and return its
+ * length. tarfile decodes the name with surrogateescape and encodes it to ASCII with "?"
+ * for each other character. So each valid non-ASCII sequence and each byte outside one
+ * becomes one "?", and at most 100 characters are kept.
  */
 static Py_ssize_t
 ustar_text(char *field, const char *data, Py_ssize_t length)
