@@ -47,9 +47,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final, Self
 
-import crc32c
-
 from lcow import spawn
+from lcow.crc import crc32c
 from lcow.errors import (
     AlreadyExistsError,
     CorruptInputError,
@@ -355,8 +354,7 @@ def _round_up(value: int, alignment: int) -> int:
 
 
 def _compute_crc32c(data: bytes) -> int:
-    checksum: int = crc32c.crc32c(data)
-    return checksum
+    return crc32c(data, 0)
 
 
 def compute_checksum(structure: bytes) -> int:

@@ -11,7 +11,8 @@
  *
  * The checks and error messages stay in lcow.ext4.reader. These functions return what the
  * bytes contain, or None where a header cannot be parsed, and dir_entries() raises a
- * ValueError whose text the reader's message completes. CRC32C is the crc32c package's.
+ * ValueError whose text the reader's message completes. CRC32C is lcow.crc's, from the crc32c
+ * package.
  *
  * Reference: the kernel's ext4 disk-layout documentation and fs/ext4/ext4.h.
  */
@@ -68,7 +69,7 @@
 #define EXTENT_ENTRY_SIZE 12
 #define EXT_INIT_MAX_LEN (1U << 15)
 
-static PyObject *standard_crc32c; /* crc32c.crc32c(data, value), taken at import */
+static PyObject *standard_crc32c; /* lcow.crc.crc32c(data, value), taken at import */
 
 /* Read a little-endian field of ``raw``. Bytes past its end read as zeros, as a 128-byte
  * inode's missing extra fields do. */
@@ -697,11 +698,11 @@ static struct PyModuleDef module_definition = {
 PyMODINIT_FUNC
 PyInit__inode(void)
 {
-    PyObject *package = PyImport_ImportModule("crc32c");
-    if (package == NULL)
+    PyObject *crc = PyImport_ImportModule("lcow.crc");
+    if (crc == NULL)
         return NULL;
-    standard_crc32c = PyObject_GetAttrString(package, "crc32c");
-    Py_DECREF(package);
+    standard_crc32c = PyObject_GetAttrString(crc, "crc32c");
+    Py_DECREF(crc);
     if (standard_crc32c == NULL)
         return NULL;
     return PyModule_Create(&module_definition);
