@@ -10,6 +10,7 @@ the package as usual.
 
 import importlib.machinery
 import importlib.util
+import sys
 from collections.abc import Callable
 from typing import Final
 
@@ -38,6 +39,9 @@ def _load(compiled_module: str = COMPILED_MODULE) -> Checksum:
 
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    # Listed as imported: a later import of the package reuses it, and the service VM's
+    # build, which copies the packages of the modules in sys.modules, finds the package.
+    sys.modules[compiled_module] = module
     compiled: Checksum = module.crc32c
     return compiled
 
