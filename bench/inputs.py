@@ -23,13 +23,12 @@ import random
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
-
-import libarchive
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +97,11 @@ def describe(path: Path) -> Layer:
         counts = json.loads(counts_file.read_text())
     if key not in counts:
         entries = file_bytes = 0
-        with libarchive.file_reader(str(path)) as archive:
-            for entry in archive:
+        with tarfile.open(path, "r:*") as archive:
+            for member in archive:
                 entries += 1
-                if entry.isfile:
-                    file_bytes += entry.size
+                if member.isreg():
+                    file_bytes += member.size
         tar_bytes = _uncompressed_size(path)
         counts[key] = [entries, file_bytes, tar_bytes]
         counts_file.parent.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,10 @@
 """Read tar layers through libarchive: entries with raw byte names, ns times, xattrs, holes.
 
 libarchive parses every tar dialect a registry serves (ustar, GNU with long names and old
-sparse files, PAX with all sparse versions, base-256 numbers). The libarchive-c package finds
-it, and ctypes opens and frees each archive. The calls made for every header and every data
-block go through the C extension ``lcow.layer._libarchive`` instead: through ctypes, decoding
-one entry took a dozen calls of about 300 ns each.
+sparse files, PAX with all sparse versions, base-256 numbers). ctypes loads it and opens and
+frees each archive. The calls made for every header and every data block go through the C
+extension ``lcow.layer._libarchive`` instead: through ctypes, decoding one entry took a dozen
+calls of about 300 ns each.
 
 Decompression happens before libarchive sees the bytes: gzip through ISA-L (several times
 faster than zlib, in a thread of its own), zstd through the zstandard package. A read-ahead
@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import IO, Any, Final
 
 import blake3
-import libarchive.ffi as libarchive_ffi
 import zstandard
 from isal import igzip_threaded
 
@@ -54,18 +53,34 @@ S_IFMT: Final = 0o170000
 END_MARKER_BYTES: Final = 1024  # a tar ends with two 512-byte blocks of zeros
 
 
+# The soname of the library in Debian's libarchive13. The dynamic loader finds it by this
+# name, where ctypes.util.find_library would run ldconfig first. $LIBARCHIVE, which the
+# libarchive-c package reads too, names another copy (the service VM's initrd sets it).
+LIBARCHIVE_SONAME: Final = "libarchive.so.13"
+# la_ssize_t archive_read_callback(struct archive *, void *client_data, const void **buffer)
+READ_CALLBACK: Final = ctypes.CFUNCTYPE(
+    ctypes.c_ssize_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)
+)
+
+
 def _load_libarchive() -> ctypes.CDLL:
-    # A handle of our own, so our argtypes never clash with libarchive-c's declarations.
     # PyDLL keeps the GIL during each call, as lcow.layer._libarchive does, so the read
     # callback always runs on the thread that holds it. CDLL releases and retakes the GIL
     # around each call: a call took 721 ns against 296 ns with PyDLL.
-    lib = ctypes.PyDLL(libarchive_ffi.libarchive_path)
+    path = os.environ.get("LIBARCHIVE") or LIBARCHIVE_SONAME
+    try:
+        lib = ctypes.PyDLL(path)
+    except OSError as err:
+        raise ImportError(
+            f"failed to load libarchive ({path}): {err}. Install libarchive13, "
+            "or set LIBARCHIVE to the library's path"
+        ) from err
     p, i, i64, cp = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_char_p
     sz = ctypes.c_size_t
     declarations: dict[str, tuple[list[type], type | None]] = {
         "archive_read_new": ([], p),
         "archive_read_support_format_tar": ([p], i),
-        "archive_read_open": ([p, p, p, libarchive_ffi.READ_CALLBACK, p], i),
+        "archive_read_open": ([p, p, p, READ_CALLBACK, p], i),
         # The next two are for callers that time libarchive alone, such as the benchmarks.
         "archive_read_next_header": ([p, ctypes.POINTER(p)], i),
         "archive_read_data_block": (
@@ -347,7 +362,7 @@ class TarReader:
         self._stream = stream
         self._archive = _lib.archive_read_new()
         self._error: BaseException | None = None
-        self._callback = libarchive_ffi.READ_CALLBACK(self._read)
+        self._callback = READ_CALLBACK(self._read)
         self._current: TarEntry | None = None
         _lib.archive_read_support_format_tar(self._archive)
         if _lib.archive_read_open(self._archive, None, None, self._callback, None) != ARCHIVE_OK:

@@ -9,8 +9,7 @@
   not build in with the modules they depend on (``depmod`` writes modules.dep for the
   unpacked tree), mke2fs with /etc/mke2fs.conf, the Python runtime that runs lcow on this
   host with the extension modules and shared libraries it loads (found with ``ldd``),
-  lcow's own package and the wheels it imports (libarchive-c, isal, zstandard, crc32c,
-  blake3).
+  lcow's own package and the wheels it imports (isal, zstandard, crc32c, blake3).
   Host files keep their paths, so RPATHs, the dynamic loader and Python's prefix search
   work unchanged in the guest.
 - lcow itself is the last of two concatenated cpio archives, so a newer lcow can be laid
@@ -52,7 +51,7 @@ BUSYBOX_PACKAGE: Final = "busybox-static"
 # channel's virtio-serial port. Debian's cloud kernel builds all three as modules.
 GUEST_MODULES: Final = ("virtio_pci", "virtio_blk", "virtio_console")
 # Top-level packages of the guest's Python path: lcow and the wheels its converter imports.
-GUEST_PACKAGES: Final = ("lcow", "libarchive", "isal", "zstandard", "crc32c", "blake3")
+GUEST_PACKAGES: Final = ("lcow", "isal", "zstandard", "crc32c", "blake3")
 # Imported in the guest but not at import time of the agent, so the trace cannot see them.
 LAZY_MODULES: Final = ("encodings", "ctypes.util")
 GUEST_SITE: Final = "opt/lcow/site"
