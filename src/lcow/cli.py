@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import click
-from tqdm import tqdm
 
 from lcow import __version__
 from lcow.disk import open_disk
@@ -25,6 +24,7 @@ from lcow.layer.export import export_tar
 from lcow.layer.tar2ext4 import atomic_output, convert_tar
 from lcow.layer.tarstream import SOURCE_BUFFER_BYTES
 from lcow.options import command_options, parse_size
+from lcow.progress import ProgressBar, byte_bar
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 class _CountingReader(io.RawIOBase):
     """Pass reads through and report how many bytes each one returned."""
 
-    def __init__(self, raw: IO[bytes], progress: tqdm[Any]) -> None:
+    def __init__(self, raw: IO[bytes], progress: ProgressBar) -> None:
         self._raw = raw
         self._progress = progress
 
@@ -148,15 +148,7 @@ def tar2vhd(source: str, output: str, raw: bool, max_size: str, progress: bool |
         if stat.S_ISREG(info.st_mode):
             total = info.st_size
 
-    bar = tqdm(
-        total=total,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc=Path(source).name if source != "-" else "stdin",
-        disable=not show_progress,
-        file=sys.stderr,
-    )
+    bar = byte_bar(Path(source).name if source != "-" else "stdin", total, enabled=show_progress)
     try:
         raw_input = sys.stdin.buffer if source == "-" else open(source, "rb", buffering=0)  # noqa: SIM115
         with bar, raw_input:

@@ -21,7 +21,7 @@ import click
 from lcow.cli import CliContext, main
 from lcow.errors import LcowError
 from lcow.layer.tar2ext4 import atomic_output
-from lcow.plugin.server import DEFAULT_SOCKET, PluginServer, PluginState
+from lcow.plugin import DEFAULT_SOCKET
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +245,9 @@ def serve(context: CliContext, socket_path: Path) -> None:
     dockerd's Init chooses the data root (its Home); --storage-opt values given here
     come before the daemon's own --storage-opt values.
     """
+    # Imported here: http.server and the plugin's handlers are of no use to other commands.
+    from lcow.plugin.server import PluginServer, PluginState  # noqa: PLC0415
+
     logging.getLogger("lcow").setLevel(
         min(logging.getLogger("lcow").getEffectiveLevel(), logging.INFO)
     )

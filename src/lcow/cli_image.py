@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import click
-from tqdm import tqdm
 
 from lcow.driver import Driver
 from lcow.errors import LcowError
 from lcow.image import ImageRecord, ImportResult, import_image, list_images, remove_image
 from lcow.options import command_options
+from lcow.progress import ProgressBar, byte_bar
 
 Result = TypeVar("Result")
 
@@ -72,23 +72,15 @@ def _short(layer_id: str | None) -> str:
 
 
 class _ProgressBars:
-    """Draw one tqdm bar per import step on stderr; draw nothing when disabled."""
+    """Draw one bar per import step on stderr; draw nothing when disabled."""
 
     def __init__(self, enabled: bool) -> None:
         self._enabled = enabled
-        self._bar: tqdm[Any] | None = None
+        self._bar: ProgressBar | None = None
 
     def begin(self, description: str, total_bytes: int | None) -> None:
         self.close()
-        self._bar = tqdm(
-            total=total_bytes,
-            desc=description,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            disable=not self._enabled,
-            file=sys.stderr,
-        )
+        self._bar = byte_bar(description, total_bytes, enabled=self._enabled)
 
     def advance(self, count_bytes: int) -> None:
         if self._bar is not None:

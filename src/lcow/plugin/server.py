@@ -37,7 +37,6 @@ from lcow.errors import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SOCKET: Final = "/run/docker/plugins/lcow.sock"
 PLUGIN_CONTENT_TYPE: Final = "application/vnd.docker.plugins.v1.2+json"
 COPY_CHUNK_BYTES: Final = 1 << 20
 MAX_JSON_BODY_BYTES: Final = 1 << 20
