@@ -14,12 +14,14 @@ import sys
 from pathlib import PurePosixPath
 from typing import Any
 
+import click
 import crc32c as crc32c_package
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from lcow import crc
+from lcow.cli import SUBCOMMAND_MODULES, main
 from lcow.servicevm import vmbuild
 
 # Modules that only slow the start down. importlib.metadata (12 to 22 ms with the email
@@ -49,6 +51,20 @@ def test_import_leaves_out_slow_modules(module: str) -> None:
 
     assert module in loaded
     assert sorted(name for name in NOT_AT_START if name in loaded) == []
+
+
+def test_cli_import_leaves_out_driver() -> None:
+    loaded = _loaded_modules("import lcow.cli")
+
+    assert "lcow.driver" not in loaded
+    assert "lcow.servicevm.manager" not in loaded
+    assert "lcow.vhdx" not in loaded
+
+
+def test_subcommand_modules_match_commands() -> None:
+    listed = main.list_commands(click.Context(main))
+
+    assert set(listed) == {"tar2vhd", "vhd2tar", *SUBCOMMAND_MODULES}
 
 
 def test_hidden_progress_bar_does_not_import_tqdm() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import logging
 import os
@@ -9,24 +10,52 @@ import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, Final
 
 import click
 
 from lcow import __version__
-from lcow.disk import open_disk
-from lcow.driver import Driver
 from lcow.errors import LcowError
 from lcow.ext4.format import EXT4_ROOT_INO
-from lcow.ext4.reader import Ext4Reader
 from lcow.ext4.writer import DEFAULT_MAX_SIZE_BYTES
-from lcow.layer.export import export_tar
 from lcow.layer.tar2ext4 import atomic_output, convert_tar
 from lcow.layer.tarstream import SOURCE_BUFFER_BYTES
 from lcow.options import command_options, parse_size
 from lcow.progress import ProgressBar, byte_bar
 
+if TYPE_CHECKING:
+    from lcow.driver import Driver
+    from lcow.ext4.reader import Ext4Reader
+
 log = logging.getLogger(__name__)
+
+# The modules that define the other subcommands, by command name. The root group imports a
+# module when one of its commands runs, so that tar2vhd and vhd2tar load neither the
+# driver with its service VM backends nor the plugin server.
+SUBCOMMAND_MODULES: Final = {
+    **dict.fromkeys(
+        (
+            "create",
+            "create-rw",
+            "remove",
+            "exists",
+            "get",
+            "put",
+            "status",
+            "metadata",
+            "cleanup",
+            "apply-diff",
+            "diff",
+            "changes",
+            "diff-size",
+            "ls",
+            "serve",
+        ),
+        "lcow.cli_driver",
+    ),
+    "image": "lcow.cli_image",
+    "vm": "lcow.cli_vm",
+}
 
 
 class _CountingReader(io.RawIOBase):
@@ -62,6 +91,8 @@ class CliContext:
         operation, which no spare serves. The user's own lcow.prestart wins.
         """
         if self._driver is None:
+            from lcow.driver import Driver  # noqa: PLC0415 - see SUBCOMMAND_MODULES
+
             options = command_options(self.storage_opts, spares=spares)
             try:
                 self._driver = Driver(self.root, options)
@@ -75,7 +106,22 @@ class CliContext:
         return self._driver
 
 
-@click.group()
+class _RootGroup(click.Group):
+    """The ``lcow`` group, which imports a subcommand's module when the command is needed."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = SUBCOMMAND_MODULES.get(cmd_name)
+        if module is not None:
+            importlib.import_module(module)
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        for module in sorted(set(SUBCOMMAND_MODULES.values())):
+            importlib.import_module(module)
+        return super().list_commands(ctx)
+
+
+@click.group(cls=_RootGroup)
 @click.version_option(__version__, prog_name="lcow")
 @click.option("-v", "--verbose", count=True, help="Log more; repeat for debug output.")
 @click.option(
@@ -196,6 +242,11 @@ def vhd2tar(image: str, output: str, sandbox: bool | None) -> None:
     Docker's Diff returns them. OUTPUT may be - for stdout; a file appears only when the
     export succeeds.
     """
+    # Imported here, as the driver's commands are: tar2vhd reads no image.
+    from lcow.disk import open_disk  # noqa: PLC0415
+    from lcow.ext4.reader import Ext4Reader  # noqa: PLC0415
+    from lcow.layer.export import export_tar  # noqa: PLC0415
+
     try:
         with open_disk(image) as disk:
             reader = Ext4Reader(disk.device, disk.size_bytes)
@@ -208,15 +259,3 @@ def vhd2tar(image: str, output: str, sandbox: bool | None) -> None:
                 export_tar(reader, stream, subdirectory=subdirectory)
     except (LcowError, OSError) as err:
         raise click.ClickException(f"failed to export {image}: {err}") from err
-
-
-def _register_subcommands() -> None:
-    # The driver commands live in their own module, which imports this one for `main`.
-    import lcow.cli_driver  # noqa: PLC0415 - registers the commands on `main`
-    import lcow.cli_vm  # noqa: F401, PLC0415 - registers `lcow vm`
-    from lcow.cli_image import image  # noqa: PLC0415 - kept with the other registrations
-
-    main.add_command(image)
-
-
-_register_subcommands()

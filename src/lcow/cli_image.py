@@ -2,7 +2,8 @@
 
 The group reads the data root and driver options from the root command's ``--root`` and
 ``--storage-opt``. Under ``lcow`` the shared context (``ctx.obj``) opens the store; under
-another root group that defines the same options, the store is opened here.
+another root group that defines the same options, the store is opened here. Importing the
+module adds the group to ``lcow``, whose root group imports it for ``lcow image``.
 """
 
 import functools
@@ -14,6 +15,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import click
 
+from lcow.cli import main
 from lcow.driver import Driver
 from lcow.errors import LcowError
 from lcow.image import ImageRecord, ImportResult, import_image, list_images, remove_image
@@ -212,3 +214,6 @@ def remove_command(ctx: click.Context, names: tuple[str, ...], json_output: bool
                 click.echo(f"removed layer {layer_id}")
     if _wants_json(ctx, json_output):
         click.echo(json.dumps(removed))
+
+
+main.add_command(image)
