@@ -618,7 +618,7 @@ def test_import_replaces_name(tmp_path: Path) -> None:
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--storage-opt", "storage_opts", multiple=True)
 def standalone(root: Path | None, storage_opts: tuple[str, ...]) -> None:
-    """A root group with lcow's store options, for when ``lcow`` does not register ``image``."""
+    """A root group of another program that defines lcow's store options and adds ``image``."""
     del root, storage_opts
 
 
@@ -626,8 +626,21 @@ standalone.add_command(image)
 
 
 def run(root: Path, *arguments: str) -> Result:
-    group = main if "image" in main.commands else standalone
-    return CliRunner().invoke(group, ["--root", str(root), "image", *arguments])
+    return CliRunner().invoke(main, ["--root", str(root), "image", *arguments])
+
+
+def test_cli_image_under_another_root_group(layout: Path, tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    runner = CliRunner()
+
+    imported = runner.invoke(
+        standalone, ["--root", str(root), "image", "import", str(layout), "child"]
+    )
+    listed = runner.invoke(standalone, ["--root", str(root), "image", "ls", "--json"])
+
+    assert imported.exit_code == 0, imported.output
+    assert listed.exit_code == 0, listed.output
+    assert [record["name"] for record in json.loads(listed.output)] == ["child"]
 
 
 @pytest.fixture

@@ -7,12 +7,12 @@ lcow.crc, which loads the crc32c package's compiled module without the package's
 ``__init__``, and the loading of libarchive by its soname or $LIBARCHIVE.
 """
 
+import ctypes.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import PurePosixPath
-from typing import Any
+from pathlib import Path, PurePosixPath
 
 import click
 import crc32c as crc32c_package
@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from lcow import crc
 from lcow.cli import SUBCOMMAND_MODULES, main
+from lcow.layer import tarstream
 from lcow.servicevm import vmbuild
 
 # Modules that only slow the start down. importlib.metadata (12 to 22 ms with the email
@@ -62,9 +63,16 @@ def test_cli_import_leaves_out_driver() -> None:
 
 
 def test_subcommand_modules_match_commands() -> None:
-    listed = main.list_commands(click.Context(main))
+    context = click.Context(main)
+
+    listed = main.list_commands(context)
 
     assert set(listed) == {"tar2vhd", "vhd2tar", *SUBCOMMAND_MODULES}
+    for name, module in SUBCOMMAND_MODULES.items():
+        command = main.get_command(context, name)
+        assert command is not None
+        assert command.callback is not None
+        assert command.callback.__module__ == module
 
 
 def test_hidden_progress_bar_does_not_import_tqdm() -> None:
@@ -99,35 +107,93 @@ def test_crc32c_check_value() -> None:
     assert crc.crc32c(b"123456789", 0) == 0xE3069283
 
 
-@given(st.binary(max_size=4096), st.integers(min_value=0, max_value=0xFFFFFFFF))
-def test_crc32c_matches_the_package(data: bytes, value: int) -> None:
-    assert crc.crc32c(data, value) == crc32c_package.crc32c(data, value)
-    assert crc.crc32c(bytearray(data), value) == crc32c_package.crc32c(data, value)
-    assert crc.crc32c(memoryview(data), value) == crc32c_package.crc32c(data, value)
+def _bitwise_crc32c(data: bytes, value: int) -> int:
+    """Compute CRC-32C bit by bit: the reflected polynomial 0x82F63B78, inverted."""
+    register = ~value & 0xFFFFFFFF
+    for byte in data:
+        register ^= byte
+        for _ in range(8):
+            register = (register >> 1) ^ (0x82F63B78 if register & 1 else 0)
+    return ~register & 0xFFFFFFFF
 
 
-def test_crc32c_falls_back_to_package() -> None:
+@given(st.binary(max_size=512), st.integers(min_value=0, max_value=0xFFFFFFFF))
+def test_crc32c_matches_bitwise_crc(data: bytes, value: int) -> None:
+    expected = _bitwise_crc32c(data, value)
+
+    assert crc.crc32c(data, value) == expected
+    assert crc.crc32c(bytearray(data), value) == expected
+    assert crc.crc32c(memoryview(data), value) == expected
+
+
+def test_crc32c_reuses_an_imported_package() -> None:
+    assert crc._load() is crc32c_package.crc32c
+
+
+def test_crc32c_falls_back_to_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without the package imported, _load looks for the compiled module by name.
+    monkeypatch.delitem(sys.modules, "crc32c")
+
     checksum = crc._load("crc32c._moved_crc32c")
 
-    assert checksum is crc32c_package.crc32c
+    assert checksum(b"123456789", 0) == 0xE3069283
+    assert "crc32c" in sys.modules
 
 
-def test_libarchive_path_from_environment_is_used(tmp_path: Any) -> None:
-    missing = tmp_path / "libarchive-missing.so"
-    env = {**os.environ, "LIBARCHIVE": str(missing)}
+def test_crc32c_loads_compiled_module_alone() -> None:
+    loaded = _loaded_modules(
+        "import lcow.crc\nassert lcow.crc.crc32c(b'123456789', 0) == 0xE3069283"
+    )
 
-    result = subprocess.run(
-        [sys.executable, "-c", "import lcow.layer.tarstream"],
+    assert "crc32c" not in loaded
+    assert "crc32c._crc32c" not in loaded
+
+
+def _libarchive_load(library: str) -> subprocess.CompletedProcess[str]:
+    """Import tarstream with $LIBARCHIVE set to ``library``; print the library it opened."""
+    return subprocess.run(
+        [sys.executable, "-c", "import lcow.layer.tarstream as t; print(t._lib._name)"],
         capture_output=True,
         text=True,
         check=False,
         timeout=60,
-        env=env,
+        env={**os.environ, "LIBARCHIVE": library},
     )
+
+
+def test_libarchive_from_environment_is_opened() -> None:
+    assert tarstream.LIBARCHIVE_SONAME == "libarchive.so.13"
+    # The service VM's initrd names the library by its full path, as this process maps it.
+    real = next(
+        line.split()[-1]
+        for line in Path("/proc/self/maps").read_text().splitlines()
+        if "libarchive.so" in line
+    )
+
+    result = _libarchive_load(real)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == real
+
+
+def test_libarchive_missing_names_the_variable(tmp_path: Path) -> None:
+    missing = tmp_path / "libarchive-missing.so"
+
+    result = _libarchive_load(str(missing))
 
     assert result.returncode != 0
     assert f"failed to load libarchive ({missing})" in result.stderr
-    assert "set LIBARCHIVE to the library's path" in result.stderr
+    assert "Fix or unset LIBARCHIVE" in result.stderr
+
+
+def test_libarchive_without_its_functions() -> None:
+    libc = ctypes.util.find_library("c") or "libc.so.6"
+
+    result = _libarchive_load(libc)
+
+    assert result.returncode != 0
+    assert f"failed to load libarchive ({libc})" in result.stderr
+    assert "archive_read_new" in result.stderr
 
 
 def test_service_vm_build_finds_every_guest_package() -> None:

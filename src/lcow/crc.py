@@ -22,6 +22,11 @@ Checksum = Callable[[bytes | bytearray | memoryview, int], int]
 
 def _load(compiled_module: str = COMPILED_MODULE) -> Checksum:
     """Return the package's crc32c function, from its compiled module where that exists."""
+    imported = sys.modules.get("crc32c")
+    if imported is not None:
+        function: Checksum = imported.crc32c  # the package's __init__ has run already
+        return function
+
     package = importlib.util.find_spec("crc32c")
     if package is None:
         raise ImportError("the crc32c package is missing: install lcow's dependencies")
@@ -34,14 +39,13 @@ def _load(compiled_module: str = COMPILED_MODULE) -> Checksum:
     if spec is None or spec.loader is None:
         import crc32c  # noqa: PLC0415 - only for a package laid out differently
 
-        function: Checksum = crc32c.crc32c
-        return function
+        fallback: Checksum = crc32c.crc32c
+        return fallback
 
     module = importlib.util.module_from_spec(spec)
+    # Left out of sys.modules, where the package would lack it as an attribute. A later
+    # import of the package loads a copy of its own.
     spec.loader.exec_module(module)
-    # Listed as imported: a later import of the package reuses it, and the service VM's
-    # build, which copies the packages of the modules in sys.modules, finds the package.
-    sys.modules[compiled_module] = module
     compiled: Checksum = module.crc32c
     return compiled
 

@@ -67,14 +67,13 @@ def _load_libarchive() -> ctypes.CDLL:
     # PyDLL keeps the GIL during each call, as lcow.layer._libarchive does, so the read
     # callback always runs on the thread that holds it. CDLL releases and retakes the GIL
     # around each call: a call took 721 ns against 296 ns with PyDLL.
-    path = os.environ.get("LIBARCHIVE") or LIBARCHIVE_SONAME
+    chosen = os.environ.get("LIBARCHIVE")
+    path = chosen or LIBARCHIVE_SONAME
+    hint = "Fix or unset LIBARCHIVE" if chosen else "Install libarchive13"
     try:
         lib = ctypes.PyDLL(path)
     except OSError as err:
-        raise ImportError(
-            f"failed to load libarchive ({path}): {err}. Install libarchive13, "
-            "or set LIBARCHIVE to the library's path"
-        ) from err
+        raise ImportError(f"failed to load libarchive ({path}): {err}. {hint}") from err
     p, i, i64, cp = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_char_p
     sz = ctypes.c_size_t
     declarations: dict[str, tuple[list[type], type | None]] = {
@@ -93,7 +92,10 @@ def _load_libarchive() -> ctypes.CDLL:
         "archive_filter_bytes": ([p, i], i64),
     }
     for name, (argtypes, restype) in declarations.items():
-        function = getattr(lib, name)
+        try:
+            function = getattr(lib, name)
+        except AttributeError as err:
+            raise ImportError(f"failed to load libarchive ({path}): {err}. {hint}") from err
         function.argtypes = argtypes
         function.restype = restype
     return lib

@@ -53,7 +53,7 @@ GUEST_MODULES: Final = ("virtio_pci", "virtio_blk", "virtio_console")
 # Top-level packages of the guest's Python path: lcow and the wheels its converter imports.
 GUEST_PACKAGES: Final = ("lcow", "isal", "zstandard", "crc32c", "blake3")
 # Imported in the guest but not at import time of the agent, so the trace cannot see them.
-LAZY_MODULES: Final = ("encodings", "ctypes.util")
+LAZY_MODULES: Final = ("encodings",)
 GUEST_SITE: Final = "opt/lcow/site"
 KERNEL_NAME: Final = "vmlinuz"
 INITRD_NAME: Final = "initrd.img"
@@ -61,12 +61,15 @@ MANIFEST_NAME: Final = "manifest.json"
 ZSTD_LEVEL: Final = 10  # level 19 is 8 times slower to build and saves about a tenth
 DIRECTORY_MODE: Final = stat.S_IFDIR | 0o755
 
-# Printed by the traced interpreter: what the guest agent imports and where it lives.
+# Printed by the traced interpreter: what the guest agent imports and where it lives. The
+# guest's packages are also located by name (argv[1]), without running their __init__,
+# because lcow.crc loads the crc32c package's compiled module alone.
 _TRACE_SCRIPT: Final = """
-import importlib, json, os, sys, sysconfig
+import importlib, importlib.util, json, os, sys, sysconfig
 import lcow.servicevm.guest.agent
-for name in sys.argv[1:]:
+for name in sys.argv[2:]:
     importlib.import_module(name)
+specs = [importlib.util.find_spec(name) for name in sys.argv[1].split(",")]
 with open("/proc/self/maps") as maps:
     libraries = sorted({line.split()[-1] for line in maps if ".so" in line.split()[-1]})
 print(json.dumps({
@@ -76,6 +79,7 @@ print(json.dumps({
     "stdlib": sysconfig.get_paths()["stdlib"],
     "modules": sorted({m.__file__ for m in list(sys.modules.values())
                        if getattr(m, "__file__", None)}),
+    "packages": sorted(spec.origin for spec in specs if spec is not None and spec.origin),
     "libraries": libraries,
 }))
 """
@@ -372,7 +376,8 @@ def _shared_libraries(binary: str) -> list[str]:
 def _trace_python(python: str) -> dict[str, object]:
     """Run ``python`` on the agent's imports and return what it loaded."""
     output = _run(
-        [python, "-c", _TRACE_SCRIPT, *LAZY_MODULES], "trace the guest agent's Python imports"
+        [python, "-c", _TRACE_SCRIPT, ",".join(GUEST_PACKAGES), *LAZY_MODULES],
+        "trace the guest agent's Python imports",
     )
     trace: dict[str, object] = json.loads(output)
     return trace
@@ -391,7 +396,8 @@ def _package_root(module_file: Path, top_level: str) -> Path | None:
 def _add_distribution_metadata(tree: InitrdTree, package: Path) -> None:
     """Copy the METADATA of the distribution that installed ``package``.
 
-    Some packages read their own version with importlib.metadata when imported (crc32c).
+    Some packages read their own version with importlib.metadata when imported: crc32c
+    does where lcow.crc falls back to importing the package.
     """
     for dist_info in package.parent.glob("*.dist-info"):
         record = dist_info / "RECORD"
@@ -414,6 +420,7 @@ def _add_python_runtime(tree: InitrdTree, python: str) -> tuple[str, str, str]:
     prefix = str(trace["prefix"])
     stdlib = Path(str(trace["stdlib"]))
     modules = [Path(str(path)) for path in trace["modules"]]  # type: ignore[attr-defined]
+    modules += [Path(str(path)) for path in trace["packages"]]  # type: ignore[attr-defined]
     libraries = [str(path) for path in trace["libraries"]]  # type: ignore[attr-defined]
 
     loaded = frozenset(libraries)
