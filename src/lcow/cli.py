@@ -242,7 +242,7 @@ def vhd2tar(image: str, output: str, sandbox: bool | None) -> None:
     Docker's Diff returns them. OUTPUT may be - for stdout; a file appears only when the
     export succeeds.
     """
-    # Imported here, as the driver's commands are: tar2vhd reads no image.
+    # Imported here, so that tar2vhd, which reads no image, loads neither VHDX nor the reader.
     from lcow.disk import open_disk  # noqa: PLC0415
     from lcow.ext4.reader import Ext4Reader  # noqa: PLC0415
     from lcow.layer.export import export_tar  # noqa: PLC0415

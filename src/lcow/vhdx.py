@@ -353,15 +353,11 @@ def _round_up(value: int, alignment: int) -> int:
     return -(-value // alignment) * alignment
 
 
-def _compute_crc32c(data: bytes) -> int:
-    return crc32c(data, 0)
-
-
 def compute_checksum(structure: bytes) -> int:
     """Compute the CRC-32C of a header or region table with its Checksum field counted as zero."""
     checksum_end = CHECKSUM_OFFSET + CHECKSUM_SIZE_BYTES
     zeroed = structure[:CHECKSUM_OFFSET] + bytes(CHECKSUM_SIZE_BYTES) + structure[checksum_end:]
-    return _compute_crc32c(zeroed)
+    return crc32c(zeroed, 0)
 
 
 def _with_checksum(structure: bytes) -> bytes:

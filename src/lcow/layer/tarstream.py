@@ -64,16 +64,6 @@ READ_CALLBACK: Final = ctypes.CFUNCTYPE(
 
 
 def _load_libarchive() -> ctypes.CDLL:
-    # PyDLL keeps the GIL during each call, as lcow.layer._libarchive does, so the read
-    # callback always runs on the thread that holds it. CDLL releases and retakes the GIL
-    # around each call: a call took 721 ns against 296 ns with PyDLL.
-    chosen = os.environ.get("LIBARCHIVE")
-    path = chosen or LIBARCHIVE_SONAME
-    hint = "Fix or unset LIBARCHIVE" if chosen else "Install libarchive13"
-    try:
-        lib = ctypes.PyDLL(path)
-    except OSError as err:
-        raise ImportError(f"failed to load libarchive ({path}): {err}. {hint}") from err
     p, i, i64, cp = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_char_p
     sz = ctypes.c_size_t
     declarations: dict[str, tuple[list[type], type | None]] = {
@@ -91,13 +81,22 @@ def _load_libarchive() -> ctypes.CDLL:
         "archive_read_header_position": ([p], i64),
         "archive_filter_bytes": ([p, i], i64),
     }
+
+    chosen = os.environ.get("LIBARCHIVE")
+    path = chosen or LIBARCHIVE_SONAME
+    # PyDLL keeps the GIL during each call, as lcow.layer._libarchive does, so the read
+    # callback always runs on the thread that holds it. CDLL releases and retakes the GIL
+    # around each call: a call took 721 ns against 296 ns with PyDLL.
+    try:
+        lib = ctypes.PyDLL(path)
+        functions = {name: getattr(lib, name) for name in declarations}
+    except (OSError, AttributeError) as err:  # not loadable, or not libarchive
+        hint = "Fix or unset LIBARCHIVE" if chosen else "Install libarchive13"
+        raise ImportError(f"failed to load libarchive ({path}): {err}. {hint}") from err
+
     for name, (argtypes, restype) in declarations.items():
-        try:
-            function = getattr(lib, name)
-        except AttributeError as err:
-            raise ImportError(f"failed to load libarchive ({path}): {err}. {hint}") from err
-        function.argtypes = argtypes
-        function.restype = restype
+        functions[name].argtypes = argtypes
+        functions[name].restype = restype
     return lib
 
 
