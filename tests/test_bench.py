@@ -1,0 +1,363 @@
+"""The benchmark suite's harness: interleaving, goals, reports and exit statuses.
+
+The suite (``python -m bench``) is not part of the test command, and its timings are never
+asserted. These tests check what its figures rest on. The cases of a group alternate
+round by round, and warm-up rounds are dropped. A ratio is the lcow median over the
+reference median. A missed goal is reported with exit status 0, a failed case gives 1, and
+a run that cannot start gives 2. The end-to-end tests run short real groups on a corpus
+layer.
+"""
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import groups, references, report, run
+from bench.inputs import Layer
+from bench.timing import Case, CaseResult, Sample, run_interleaved
+
+REPO = Path(__file__).resolve().parent.parent
+SHORT_RUN = ["--runs", "2", "--warmup", "0"]
+
+
+def _layer(entries: int = 1000) -> Layer:
+    return Layer(
+        name="x.tar",
+        path=Path("/nonexistent/x.tar"),
+        kind="mixed",
+        gzip=False,
+        entries=entries,
+        file_bytes=4_000_000,
+        tar_bytes=5_000_000,
+    )
+
+
+def _result(name: str, seconds: list[float], *, reference: bool = False) -> CaseResult:
+    return CaseResult(name, reference, [Sample(value) for value in seconds])
+
+
+def _bench(*arguments: str, corpus: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m bench`` from the repository, as a user runs it."""
+    env = dict(os.environ)
+    if corpus is not None:
+        env["LCOW_CORPUS"] = str(corpus)
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *arguments],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+@pytest.fixture
+def sigterm_handler() -> Iterator[None]:
+    """Restore the SIGTERM handler that ``run.main`` sets for the run's clean-up."""
+    saved = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, saved)
+
+
+def test_interleaved_rounds_drop_warm_up(tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    def case(name: str) -> Case:
+        def run_case(scratch: Path) -> Sample:
+            assert scratch.is_dir()
+            assert not any(scratch.iterdir())
+            calls.append(name)
+            return Sample(float(len(calls)))
+
+        return Case(name, is_reference=name == "A", run=run_case)
+
+    results = run_interleaved([case("A"), case("B")], 3, tmp_path / "runs", warmup_rounds=2)
+
+    assert calls == ["A", "B"] * 5
+    # The first two rounds (calls 1 to 4) are the warm-up.
+    assert [sample.seconds for sample in results[0].samples] == [5.0, 7.0, 9.0]
+    assert [sample.seconds for sample in results[1].samples] == [6.0, 8.0, 10.0]
+    assert [result.is_reference for result in results] == [True, False]
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_failing_case_stops_alone(tmp_path: Path) -> None:
+    attempts = 0
+
+    def failing(scratch: Path) -> Sample:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 2:
+            raise RuntimeError("tar failed with exit status 2")
+        return Sample(1.0)
+
+    results = run_interleaved(
+        [Case("flaky", False, failing), Case("steady", True, lambda scratch: Sample(2.0))],
+        4,
+        tmp_path,
+        warmup_rounds=0,
+    )
+
+    assert results[0].error == "RuntimeError: tar failed with exit status 2"
+    assert attempts == 2
+    assert len(results[0].samples) == 1
+    assert len(results[1].samples) == 4
+
+
+def test_case_statistics() -> None:
+    result = CaseResult(
+        "ApplyDiff",
+        False,
+        [Sample(0.3, 50_000_000), Sample(0.1, None), Sample(0.2, 70_000_000)],
+    )
+
+    assert result.median_s == 0.2
+    assert (result.min_s, result.max_s) == (0.1, 0.3)
+    assert result.peak_rss_bytes == 70_000_000
+    assert CaseResult("x", False, [Sample(0.1)]).peak_rss_bytes is None
+
+
+def test_ratio_goal_compares_medians() -> None:
+    goal = report.Goal("ApplyDiff", "ratio", 1.0, "tar -xf")
+    cases = [
+        _result("tar -xf", [1.0, 2.0, 100.0], reference=True),
+        _result("ApplyDiff", [1.5, 1.9, 0.1]),
+    ]
+
+    result = report.evaluate(goal, cases)
+
+    assert result.measured == pytest.approx(0.75)
+    assert result.met is True
+    slower = report.evaluate(goal, [cases[0], _result("ApplyDiff", [2.5, 2.5, 2.5])])
+    assert slower.measured == pytest.approx(1.25)
+    assert slower.met is False
+
+
+def test_goal_without_a_result_is_not_judged() -> None:
+    goal = report.Goal("ApplyDiff", "ratio", 1.0, "tar -xf")
+    failed = CaseResult("ApplyDiff", False, error="RuntimeError: tar failed")
+
+    result = report.evaluate(goal, [_result("tar -xf", [1.0], reference=True), failed])
+
+    assert (result.measured, result.met) == (None, None)
+    rows = report.goal_rows([report.GroupResult("plain/x.tar", None, [failed], [result])])
+    assert rows == [["plain/x.tar", "ApplyDiff ≤ 1 x tar -xf", "no result", "not measured"]]
+
+
+def test_seconds_and_rss_goals() -> None:
+    layer = _layer(entries=10_000)
+    rss = report.rss_goal(layer)
+    assert rss.limit == 64_000_000 + 400 * 10_000
+    cases = [_result("ApplyDiff", [0.01, 0.03, 0.02])]
+    cases[0].samples[0] = Sample(0.01, 69_000_000)
+
+    assert report.evaluate(rss, cases).met is False
+    within = report.evaluate(report.rss_goal(_layer(entries=20_000)), cases)
+    assert within.met is True
+    assert within.measured == 69_000_000
+    seconds = report.evaluate(report.Goal("ApplyDiff", "seconds", 0.020), cases)
+    assert (seconds.measured, seconds.met) == (0.02, True)
+
+
+def test_report_ratios_and_miss_factor() -> None:
+    cases = [
+        _result("tar -xf", [0.5], reference=True),
+        _result("tar -xf + mkfs.ext4 -d", [2.0], reference=True),
+        _result("ApplyDiff", [1.0]),
+    ]
+    goal = report.evaluate(report.Goal("ApplyDiff", "ratio", 1.0, "tar -xf"), cases)
+    group = report.GroupResult("plain/x.tar", _layer(), cases, [goal])
+
+    rows = report.case_rows(group)
+    goal_rows = report.goal_rows([group])
+
+    assert rows[2][1] == "**lcow** ApplyDiff"
+    assert rows[2][-1] == "2.00 x tar -xf; 0.50 x tar -xf + mkfs.ext4 -d"
+    assert rows[2][4:6] == ["1,000", "5"]  # 1,000 entries and 5 MB in one second
+    assert rows[0][-1] == ""
+    assert goal_rows == [
+        ["plain/x.tar", "ApplyDiff ≤ 1 x tar -xf", "2.00 x", "missed: 2.00 x the limit"]
+    ]
+    table = report.markdown_table(report.GOAL_HEADER, goal_rows)
+    assert table.splitlines()[0] == "| group | goal | measured | verdict |"
+
+
+def test_json_keeps_every_sample() -> None:
+    cases = [_result("tar -xf", [0.5, 0.7], reference=True), _result("ApplyDiff", [0.4, 0.6])]
+    goal = report.evaluate(report.Goal("ApplyDiff", "ratio", 1.0, "tar -xf"), cases)
+
+    document = report.to_json(report.GroupResult("plain/x.tar", _layer(), cases, [goal]))
+
+    assert [case["seconds"] for case in document["cases"]] == [[0.5, 0.7], [0.4, 0.6]]
+    assert document["goals"] == [
+        {"goal": "ApplyDiff ≤ 1 x tar -xf", "measured": 0.5 / 0.6, "allowed": 1.0, "met": True}
+    ]
+    assert document["input"]["entries"] == 1000
+
+
+def test_run_order_puts_the_generated_inputs_last(tmp_path: Path) -> None:
+    corpus = [tmp_path / f"{name}.tar" for name in ("L1-base", "L2-umoci", "L2-buildah")]
+    generated = [tmp_path / "many-small-files.tar", tmp_path / "many-small-files.tar.gz"]
+
+    ids = [group.group_id for group in groups.plan(corpus, generated)]
+
+    assert ids[:5] == [
+        "service_vm_start",
+        "create_read_write/20GiB",
+        "create_read_write/1TiB",
+        "changes/L2-umoci.tar",
+        "changes/L2-buildah.tar",
+    ]
+    assert ids[-3:] == [
+        "plain/many-small-files.tar",
+        "gzip/many-small-files.tar.gz",
+        "export/many-small-files.tar",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--runs", "0"], "invalid --runs or --warmup"),
+        (["--warmup", "-1"], "invalid --runs or --warmup"),
+        (["--only", "no-such-group"], "no group matches --only"),
+    ],
+)
+@pytest.mark.root
+def test_bad_options_exit_2(arguments: list[str], message: str) -> None:
+    result = _bench(*arguments)
+
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.root
+def test_missing_layer_exits_2(tmp_path: Path) -> None:
+    result = _bench("--only", "plain/L2-umoci.tar", *SHORT_RUN, corpus=tmp_path)
+
+    assert result.returncode == 2, result.stderr
+    assert f"layer {tmp_path}/out/layers/L2-umoci.tar not found" in result.stderr
+    assert "LCOW_CORPUS" in result.stderr
+
+
+@pytest.mark.root
+def test_missed_goal_exits_0(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    sigterm_handler: None,
+) -> None:
+    # A limit no machine meets: the run must report the miss and still succeed.
+    monkeypatch.setattr(groups, "CREATE_READ_WRITE_LIMIT_S", 1e-9)
+    output = tmp_path / "results.json"
+
+    status = run.main(
+        [
+            "--only",
+            "create_read_write/20GiB",
+            *SHORT_RUN,
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--json",
+            str(output),
+        ]
+    )
+
+    assert status == 0
+    document = json.loads(output.read_text())
+    (group,) = document["groups"]
+    assert [case["name"] for case in group["cases"]] == ["cp --sparse=always", "CreateReadWrite"]
+    assert all(len(case["seconds"]) == 2 and case["error"] is None for case in group["cases"])
+    assert group["goals"][0]["met"] is False
+    assert "| create_read_write/20GiB | CreateReadWrite ≤ 1e-06 ms |" in capsys.readouterr().out
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.root
+def test_failed_case_exits_1(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    sigterm_handler: None,
+) -> None:
+    def broken_copy(cached: Path) -> Case:
+        def fail(scratch: Path) -> Sample:
+            raise RuntimeError(f"cp --sparse=always {cached} failed with exit status 1")
+
+        return Case("cp --sparse=always", is_reference=True, run=fail)
+
+    monkeypatch.setattr(references, "sparse_copy", broken_copy)
+
+    status = run.main(
+        ["--only", "create_read_write/20GiB", *SHORT_RUN, "--output-dir", str(tmp_path)]
+    )
+
+    assert status == 1
+    measurements = capsys.readouterr().out
+    assert "| create_read_write/20GiB | cp --sparse=always | failed |" in measurements
+    assert "RuntimeError: cp --sparse=always" in measurements
+    # The other case of the group still ran and has its row.
+    assert "| create_read_write/20GiB | **lcow** CreateReadWrite |" in measurements
+
+
+def _median_of(group: dict[str, Any], name: str) -> float:
+    case = next(case for case in group["cases"] if case["name"] == name)
+    seconds: list[float] = case["seconds"]
+    return statistics.median(seconds)
+
+
+@pytest.mark.root
+def test_corpus_groups_run_end_to_end(corpus: Path, tmp_path: Path) -> None:
+    output = tmp_path / "results.json"
+
+    result = _bench(
+        "--only",
+        "plain/L2-umoci.tar",
+        "--only",
+        "export/L2-umoci.tar",
+        *SHORT_RUN,
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--json",
+        str(output),
+        corpus=corpus.parent.parent,
+    )
+
+    assert result.returncode == 0, result.stderr
+    plain, export = json.loads(output.read_text())["groups"]
+    assert plain["input"]["name"] == "L2-umoci.tar"
+    assert plain["input"]["entries"] > 2000
+    names = [case["name"] for case in plain["cases"]]
+    assert names[:2] == ["tar -xf", "tar -xf + mkfs.ext4 -d"]
+    assert {"ApplyDiff", "ApplyDiff, cold start", "lcow tar2vhd"} <= set(names)
+    for case in plain["cases"] + export["cases"]:
+        assert case["error"] is None
+        assert len(case["seconds"]) == 2
+        assert all(value > 0 for value in case["seconds"])
+    apply_diff = next(case for case in plain["cases"] if case["name"] == "ApplyDiff")
+    assert all(value > 1_000_000 for value in apply_diff["peak_rss_bytes"])
+    goals = {goal["goal"]: goal for goal in plain["goals"]}
+    shell_route = goals["ApplyDiff ≤ 0.4 x tar -xf + mkfs.ext4 -d"]
+    assert shell_route["measured"] == pytest.approx(
+        _median_of(plain, "ApplyDiff") / _median_of(plain, "tar -xf + mkfs.ext4 -d")
+    )
+    assert shell_route["met"] is (shell_route["measured"] <= 0.4)
+    assert export["cases"][0]["name"] == "tar -c of the mounted image"
+    assert [goal["met"] is not None for goal in export["goals"]] == [True, True, True]
+    assert "## Goals" in result.stdout
+    assert "| export/L2-umoci.tar |" in result.stdout
+    # The run unmounted the image it exported and removed its outputs.
+    assert str(tmp_path) not in Path("/proc/self/mounts").read_text()
+    assert list((tmp_path / "out").iterdir()) == []
