@@ -8,12 +8,14 @@ a run that cannot start gives 2. The end-to-end tests run short real groups on a
 layer.
 """
 
+import io
 import json
 import os
 import signal
 import statistics
 import subprocess
 import sys
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -224,6 +226,38 @@ def test_run_order_puts_the_generated_inputs_last(tmp_path: Path) -> None:
         "gzip/many-small-files.tar.gz",
         "export/many-small-files.tar",
     ]
+
+
+def test_convert_rss_excludes_the_spawner(tmp_path: Path) -> None:
+    layer = tmp_path / "small.tar"
+    with tarfile.open(layer, "w") as tar:
+        data = b"x" * 100_000
+        member = tarfile.TarInfo("file")
+        member.size = len(data)
+        tar.addfile(member, io.BytesIO(data))
+    # A spawner of 256 MB: the child's figure must not include it.
+    spawner = (
+        "import subprocess, sys\n"
+        "ballast = b'\\1' * (256 << 20)\n"
+        "command = [sys.executable, '-m', 'bench.child', 'convert', '--input', sys.argv[1],"
+        " '--output', sys.argv[2]]\n"
+        "sys.exit(subprocess.run(command).returncode)\n"
+    )
+
+    result = subprocess.run(
+        [sys.executable, "-c", spawner, str(layer), str(tmp_path / "layer.vhd")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["entries"] == 1
+    assert answer["self_peak_rss_bytes"] > 5_000_000
+    assert answer["self_peak_rss_bytes"] < 200_000_000
 
 
 @pytest.mark.parametrize(
