@@ -21,6 +21,7 @@ from lcow.servicevm.manager import ServiceVMManager
 CREATE_READ_WRITE_LIMIT_S: Final = 0.020
 SERVICE_VM_START_LIMIT_S: Final = 0.050
 PRESTARTED_START_CASE: Final = "service VM start and stop, prestarted"
+COLD_START_CASE: Final = "service VM start and stop, cold"
 SANDBOX_SIZES_GB: Final = {"20GiB": 20, "1TiB": 1024}  # lcow.sandboxsize is in GiB
 
 
@@ -144,7 +145,7 @@ def _service_vm_start() -> Group:
             yield [
                 references.interpreter_start(),
                 lcow_cases.service_vm_start(prestarted, PRESTARTED_START_CASE),
-                lcow_cases.service_vm_start(cold, "service VM start and stop, cold"),
+                lcow_cases.service_vm_start(cold, COLD_START_CASE),
             ]
         finally:
             prestarted.terminate_all()
@@ -152,7 +153,12 @@ def _service_vm_start() -> Group:
 
     def goals(layer: Layer | None) -> list[Goal]:
         del layer
-        return [Goal(PRESTARTED_START_CASE, "seconds", SERVICE_VM_START_LIMIT_S)]
+        # A running driver's operation takes a prestarted worker; a new driver's first one
+        # waits for a cold start. Both are held to the start-up goal.
+        return [
+            Goal(case, "seconds", SERVICE_VM_START_LIMIT_S)
+            for case in (PRESTARTED_START_CASE, COLD_START_CASE)
+        ]
 
     return Group("service_vm_start", None, prepare, goals)
 

@@ -24,7 +24,7 @@ from bench.perf import perf
 from bench.profile import profile
 from bench.report import GroupResult
 from bench.share import share
-from bench.timing import CASE_ERRORS, CaseResult, run_interleaved
+from bench.timing import CASE_ERRORS, GNU_TIME, CaseResult, run_interleaved
 
 REQUIRED_TOOLS: Final = ("tar", "gzip", "mkfs.ext4", "du", "find", "cp", "mount", "umount")
 EXIT_CASE_FAILED: Final = 1
@@ -111,8 +111,13 @@ def _check(arguments: argparse.Namespace, selected: list[groups.Group]) -> str |
     if os.geteuid() != 0:
         return "the benchmark needs root: it loop-mounts layer images and extracts device nodes"
     missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
+    if not Path(GNU_TIME).exists():
+        missing.append(GNU_TIME)  # measures the peak RSS of lcow tar2vhd
     if missing:
-        return f"missing tools: {', '.join(missing)}; install tar, gzip, e2fsprogs and mount"
+        return (
+            f"missing tools: {', '.join(missing)}; install tar, gzip, e2fsprogs, mount and "
+            "time (GNU time)"
+        )
     generated = set(inputs.generated_paths())
     for group in selected:
         path = group.layer_path

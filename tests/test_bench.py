@@ -25,6 +25,7 @@ import pytest
 from bench import groups, references, report, run
 from bench.inputs import Layer
 from bench.timing import Case, CaseResult, Sample, run_interleaved
+from oracle import require_tool
 
 REPO = Path(__file__).resolve().parent.parent
 SHORT_RUN = ["--runs", "2", "--warmup", "0"]
@@ -287,6 +288,18 @@ def test_missing_layer_exits_2(tmp_path: Path) -> None:
 
 
 @pytest.mark.root
+def test_missing_gnu_time_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(run, "GNU_TIME", "/nonexistent/time")
+
+    status = run.main(["--only", "create_read_write/20GiB"])
+
+    assert status == 2
+    assert "missing tools: /nonexistent/time" in capsys.readouterr().err
+
+
+@pytest.mark.root
 def test_missed_goal_exits_0(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -353,7 +366,9 @@ def _median_of(group: dict[str, Any], name: str) -> float:
 
 
 @pytest.mark.root
-def test_corpus_groups_run_end_to_end(corpus: Path, tmp_path: Path) -> None:
+def test_corpus_groups_run_end_to_end(
+    corpus: Path, tmp_path: Path, unmount_leftovers: None
+) -> None:
     output = tmp_path / "results.json"
 
     result = _bench(
@@ -395,3 +410,85 @@ def test_corpus_groups_run_end_to_end(corpus: Path, tmp_path: Path) -> None:
     # The run unmounted the image it exported and removed its outputs.
     assert str(tmp_path) not in Path("/proc/self/mounts").read_text()
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def _mount_points() -> list[str]:
+    return [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+
+
+def _bench_mounts() -> list[str]:
+    return [point for point in _mount_points() if "lcow-bench" in point]
+
+
+@pytest.fixture
+def unmount_leftovers() -> Iterator[None]:
+    """Unmount what a failed run left mounted, deepest first, after the test's own checks."""
+    before = set(_mount_points())
+    yield
+    for point in sorted(set(_mount_points()) - before, key=len, reverse=True):
+        subprocess.run(["umount", point], check=False)
+
+
+@pytest.mark.root
+def test_other_groups_run_end_to_end(corpus: Path, tmp_path: Path, unmount_leftovers: None) -> None:
+    output = tmp_path / "results.json"
+    folders_before = set(Path("/tmp").glob("lcow-bench-*"))
+
+    # No --output-dir: the run mounts its own tmpfs, as a user's run does.
+    result = _bench(
+        "--only",
+        "service_vm_start",
+        "--only",
+        "changes/L2-umoci.tar",
+        "--only",
+        "gzip/L2-umoci.tar.gz",
+        *SHORT_RUN,
+        "--json",
+        str(output),
+        corpus=corpus.parent.parent,
+    )
+
+    assert result.returncode == 0, result.stderr
+    groups_run = {group["group"]: group for group in json.loads(output.read_text())["groups"]}
+    assert list(groups_run) == ["service_vm_start", "changes/L2-umoci.tar", "gzip/L2-umoci.tar.gz"]
+    for group in groups_run.values():
+        for case in group["cases"]:
+            assert case["error"] is None
+            assert len(case["seconds"]) == 2
+    start_goals = [goal["goal"] for goal in groups_run["service_vm_start"]["goals"]]
+    assert start_goals == [
+        "service VM start and stop, prestarted ≤ 50 ms",
+        "service VM start and stop, cold ≤ 50 ms",
+    ]
+    changes, diff_size = groups_run["changes/L2-umoci.tar"]["cases"]
+    assert all(detail["changes"] > 0 for detail in changes["detail"])
+    assert all(detail["size_bytes"] > 0 for detail in diff_size["detail"])
+    gzip_group = groups_run["gzip/L2-umoci.tar.gz"]
+    assert gzip_group["cases"][0]["name"] == "tar -xzf"
+    assert [goal["met"] is not None for goal in gzip_group["goals"]] == [True] * 4
+    assert _bench_mounts() == []
+    assert set(Path("/tmp").glob("lcow-bench-*")) == folders_before
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
+        ("--floor", "L2-umoci.tar", "reading side of L2-umoci.tar, 5 interleaved rounds"),
+        ("--profile", "L2-umoci.tar", "convert_tar of L2-umoci.tar: "),
+        ("--profile", "export:L2-umoci.tar", "export of L2-umoci.tar: "),
+        ("--perf", "L2-umoci.tar", "share of samples by library:"),
+        ("--share", "L2-umoci.tar", "ApplyDiff of L2-umoci.tar, 9 rounds each, medians:"),
+    ],
+)
+@pytest.mark.root
+def test_diagnostic_modes_run(
+    corpus: Path, option: str, value: str, expected: str, unmount_leftovers: None
+) -> None:
+    if option == "--perf":
+        require_tool("perf")
+
+    result = _bench(option, value, corpus=corpus.parent.parent)
+
+    assert result.returncode == 0, result.stderr
+    assert expected in result.stdout
+    assert _bench_mounts() == []
