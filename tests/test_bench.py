@@ -8,6 +8,8 @@ a run that cannot start gives 2. The end-to-end tests run short real groups on a
 layer.
 """
 
+import gzip
+import hashlib
 import io
 import json
 import os
@@ -22,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from bench import groups, references, report, run
+from bench import groups, inputs, references, report, run
 from bench.inputs import Layer
 from bench.timing import Case, CaseResult, Sample, run_interleaved
 from oracle import require_tool
@@ -261,6 +263,49 @@ def test_convert_rss_excludes_the_spawner(tmp_path: Path) -> None:
     assert answer["self_peak_rss_bytes"] < 200_000_000
 
 
+def test_huge_files_build_is_reproducible(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inputs, "HUGE_FILE_BYTES", 2 << 20)
+    digests = []
+
+    for name in ("first", "second"):
+        monkeypatch.setenv("LCOW_BENCH_CACHE", str(tmp_path / name))
+        layer = inputs.cache_folder() / "huge-files.tar"
+        inputs.ensure_built(layer)
+        digests.append(hashlib.sha256(layer.read_bytes()).hexdigest())
+
+        record = json.loads(layer.with_name("huge-files.tar.build.json").read_text())
+        assert record["tar_bytes"] == layer.stat().st_size
+        described = inputs.describe(layer)
+        assert described.entries == 5  # ".", "./data" and three files
+        assert described.file_bytes == 3 * (2 << 20)
+        assert sorted(path.name for path in layer.parent.iterdir()) == [
+            "counts.json",
+            "huge-files.tar",
+            "huge-files.tar.build.json",
+        ]
+
+    assert digests[0] == digests[1]
+
+
+def test_gzip_variant_holds_the_same_tar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LCOW_BENCH_CACHE", str(tmp_path))
+    plain = tmp_path / "many-small-files.tar"
+    with tarfile.open(plain, "w") as tar:
+        for number in range(3):
+            member = tarfile.TarInfo(f"file-{number}")
+            member.size = 1000
+            tar.addfile(member, io.BytesIO(bytes([number]) * 1000))
+
+    inputs.ensure_built(tmp_path / "many-small-files.tar.gz")
+
+    packed = tmp_path / "many-small-files.tar.gz"
+    assert gzip.decompress(packed.read_bytes()) == plain.read_bytes()
+    described = inputs.describe(packed)
+    assert described.gzip is True
+    assert described.entries == 3
+    assert described.tar_bytes == plain.stat().st_size
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
@@ -310,25 +355,25 @@ def test_missed_goal_exits_0(
     monkeypatch.setattr(groups, "CREATE_READ_WRITE_LIMIT_S", 1e-9)
     output = tmp_path / "results.json"
 
-    status = run.main(
-        [
-            "--only",
-            "create_read_write/20GiB",
-            *SHORT_RUN,
-            "--output-dir",
-            str(tmp_path / "out"),
-            "--json",
-            str(output),
-        ]
-    )
+    # Both sandbox sizes, so the 1 TiB cache is made and copied too.
+    arguments = ["--only", "create_read_write", *SHORT_RUN, "--json", str(output)]
+    status = run.main([*arguments, "--output-dir", str(tmp_path / "out")])
 
     assert status == 0
     document = json.loads(output.read_text())
-    (group,) = document["groups"]
-    assert [case["name"] for case in group["cases"]] == ["cp --sparse=always", "CreateReadWrite"]
-    assert all(len(case["seconds"]) == 2 and case["error"] is None for case in group["cases"])
-    assert group["goals"][0]["met"] is False
-    assert "| create_read_write/20GiB | CreateReadWrite ≤ 1e-06 ms |" in capsys.readouterr().out
+    assert [group["group"] for group in document["groups"]] == [
+        "create_read_write/20GiB",
+        "create_read_write/1TiB",
+    ]
+    report_text = capsys.readouterr().out
+    for group in document["groups"]:
+        names = [case["name"] for case in group["cases"]]
+        assert names == ["cp --sparse=always", "CreateReadWrite"]
+        for case in group["cases"]:
+            assert case["error"] is None
+            assert len(case["seconds"]) == 2
+        assert group["goals"][0]["met"] is False
+        assert f"| {group['group']} | CreateReadWrite ≤ 1e-06 ms |" in report_text
     assert list((tmp_path / "out").iterdir()) == []
 
 
