@@ -138,7 +138,7 @@ def run_command(
     """
     with tempfile.NamedTemporaryFile(prefix="bench-rss-") as rss_file:
         prefix: list[str] = []
-        if measure_rss and Path(GNU_TIME).exists():
+        if measure_rss:
             prefix = [GNU_TIME, "--format=%M", f"--output={rss_file.name}"]
         with tempfile.TemporaryFile() as errors:
             # A file, not a pipe, so a command that writes much to stderr cannot block on it.

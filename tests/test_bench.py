@@ -442,6 +442,8 @@ def test_corpus_groups_run_end_to_end(
         assert all(value > 0 for value in case["seconds"])
     apply_diff = next(case for case in plain["cases"] if case["name"] == "ApplyDiff")
     assert all(value > 1_000_000 for value in apply_diff["peak_rss_bytes"])
+    tar2vhd = next(case for case in plain["cases"] if case["name"] == "lcow tar2vhd")
+    assert all(value > 1_000_000 for value in tar2vhd["peak_rss_bytes"])
     goals = {goal["goal"]: goal for goal in plain["goals"]}
     shell_route = goals["ApplyDiff ≤ 0.4 x tar -xf + mkfs.ext4 -d"]
     assert shell_route["measured"] == pytest.approx(
