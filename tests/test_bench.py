@@ -10,14 +10,12 @@ layer.
 
 import gzip
 import hashlib
-import io
 import json
 import os
 import signal
 import statistics
 import subprocess
 import sys
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from bench import groups, inputs, references, report, run
 from bench.inputs import Layer
 from bench.timing import Case, CaseResult, Sample, run_interleaved
 from oracle import require_tool
+from tarbuild import regular, tar_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 SHORT_RUN = ["--runs", "2", "--warmup", "0"]
@@ -149,7 +148,7 @@ def test_ratio_goal_compares_medians() -> None:
     assert slower.met is False
 
 
-def test_goal_without_a_result_is_not_judged() -> None:
+def test_goal_without_result_unjudged() -> None:
     goal = report.Goal("ApplyDiff", "ratio", 1.0, "tar -xf")
     failed = CaseResult("ApplyDiff", False, error="RuntimeError: tar failed")
 
@@ -211,7 +210,7 @@ def test_json_keeps_every_sample() -> None:
     assert document["input"]["entries"] == 1000
 
 
-def test_run_order_puts_the_generated_inputs_last(tmp_path: Path) -> None:
+def test_run_order_generated_last(tmp_path: Path) -> None:
     corpus = [tmp_path / f"{name}.tar" for name in ("L1-base", "L2-umoci", "L2-buildah")]
     generated = [tmp_path / "many-small-files.tar", tmp_path / "many-small-files.tar.gz"]
 
@@ -231,13 +230,10 @@ def test_run_order_puts_the_generated_inputs_last(tmp_path: Path) -> None:
     ]
 
 
-def test_convert_rss_excludes_the_spawner(tmp_path: Path) -> None:
+def test_convert_rss_excludes_spawner(tmp_path: Path) -> None:
     layer = tmp_path / "small.tar"
-    with tarfile.open(layer, "w") as tar:
-        data = b"x" * 100_000
-        member = tarfile.TarInfo("file")
-        member.size = len(data)
-        tar.addfile(member, io.BytesIO(data))
+    layer.write_bytes(tar_bytes([regular("file", b"x" * 100_000)]))
+
     # A spawner of 256 MB: the child's figure must not include it.
     spawner = (
         "import subprocess, sys\n"
@@ -257,10 +253,10 @@ def test_convert_rss_excludes_the_spawner(tmp_path: Path) -> None:
     )
 
     assert result.returncode == 0, result.stderr
-    answer = json.loads(result.stdout)
-    assert answer["entries"] == 1
-    assert answer["self_peak_rss_bytes"] > 5_000_000
-    assert answer["self_peak_rss_bytes"] < 200_000_000
+    reported = json.loads(result.stdout)
+    assert reported["entries"] == 1
+    assert reported["self_peak_rss_bytes"] > 5_000_000
+    assert reported["self_peak_rss_bytes"] < 200_000_000
 
 
 def test_huge_files_build_is_reproducible(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -287,14 +283,12 @@ def test_huge_files_build_is_reproducible(tmp_path: Path, monkeypatch: pytest.Mo
     assert digests[0] == digests[1]
 
 
-def test_gzip_variant_holds_the_same_tar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gzip_variant_same_tar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LCOW_BENCH_CACHE", str(tmp_path))
     plain = tmp_path / "many-small-files.tar"
-    with tarfile.open(plain, "w") as tar:
-        for number in range(3):
-            member = tarfile.TarInfo(f"file-{number}")
-            member.size = 1000
-            tar.addfile(member, io.BytesIO(bytes([number]) * 1000))
+    plain.write_bytes(
+        tar_bytes([regular(f"file-{number}", bytes([number]) * 1000) for number in range(3)])
+    )
 
     inputs.ensure_built(tmp_path / "many-small-files.tar.gz")
 

@@ -1,8 +1,8 @@
 """CRC-32C (Castagnoli) for ext4's metadata_csum and for VHDX, from the crc32c package.
 
 The package's ``__init__`` imports importlib.metadata, only to set ``__version__``, and its
-command line module with argparse. In a service VM worker, which starts in about 100 ms,
-that took 15 ms (``python -X importtime -c "import lcow.servicevm.worker"``). lcow needs only
+command line module with argparse. In a service VM worker's start, that took 15 ms
+(``python -X importtime -c "import lcow.servicevm.worker"``). lcow needs only
 the function in the package's compiled module, ``crc32c._crc32c``, so this module loads that
 module by itself. Where a release of the package keeps the function elsewhere, it imports
 the package as usual.
